@@ -1,0 +1,3 @@
+"""forgetbench: a continual-learning benchmark harness for catastrophic forgetting in LLMs."""
+
+__version__ = "0.1.0"

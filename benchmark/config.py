@@ -1,0 +1,263 @@
+"""Experiment configuration: dataclasses validated on construction, YAML files and ``--set`` overrides.
+
+Merge order: dataclass defaults -> ``--config FILE.yaml`` -> CLI flags -> ``--set key=value``. Every error is a
+:class:`UserError` naming the field and the bad value (unknown keys get a did-you-mean).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmark.errors import UserError
+
+TINY_WORLD = "tiny-world"
+SCHEDULERS = ("constant", "cosine", "linear")
+
+
+def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise UserError(f"invalid {name}: {value!r} (must be a {'non-negative' if allow_zero else 'positive'} number)")
+
+
+@dataclass
+class PretrainConfig:
+    """Recipe of the tiny-world base model (its hash is the cache key: change any field, get a new model)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    vocab_size: int = 1024
+    max_steps: int = 1200
+    eval_every: int = 100
+    target_accuracy: float = 97.0
+    lr: float = 2e-3
+    batch_size: int = 64
+    warmup_steps: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "max_steps",
+                  "eval_every", "lr", "batch_size"):
+            _positive(f"model.pretrain.{k}", getattr(self, k))
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"invalid model.pretrain.num_heads: {self.num_heads} does not divide {self.hidden_size}")
+
+
+@dataclass
+class ModelConfig:
+    """Base model: ``tiny-world`` (built and cached locally) or a Hugging Face hub id / local path."""
+
+    name: str = TINY_WORLD
+    dtype: str = "auto"  # auto: bf16 on a GPU with bf16 support, fp32 otherwise
+    trust_remote_code: bool = False
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"invalid model.dtype: {self.dtype!r}; valid: auto, float32, bfloat16, float16")
+
+
+@dataclass
+class TrainConfig:
+    """Training loop settings shared by every method (a method may override ``lr``)."""
+
+    lr: float = 1e-3
+    batch_size: int = 64
+    grad_accum: int = 1
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_seq_len: int = 128
+    steps_scale: float = 1.0
+    max_steps: int | None = None
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for k in ("lr", "batch_size", "grad_accum", "max_seq_len", "steps_scale"):
+            _positive(f"train.{k}", getattr(self, k))
+        for k in ("warmup_steps", "weight_decay", "grad_clip"):
+            _positive(f"train.{k}", getattr(self, k), allow_zero=True)
+        if self.max_steps is not None:
+            _positive("train.max_steps", self.max_steps)
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"invalid train.scheduler: {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings; the batch size is recorded because scores can depend on it."""
+
+    batch_size: int = 64
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("eval.batch_size", self.batch_size)
+        if self.limit is not None:
+            _positive("eval.limit", self.limit)
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything a run needs. ``method_options[name]`` feeds that method's own config dataclass."""
+
+    methods: list[str] = field(default_factory=lambda: ["full_ft", "lora"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    sequence: str = TINY_WORLD
+    output: str = "outputs"
+    num_threads: int | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise UserError("invalid methods: empty list")
+        if not self.seeds:
+            raise UserError("invalid seeds: empty list")
+        for s in self.seeds:
+            if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+                raise UserError(f"invalid seed: {s!r} (must be a non-negative integer)")
+        if self.num_threads is not None:
+            _positive("num_threads", self.num_threads)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- building from dicts --------------------------------------------------------------------------------
+def _check_type(path: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against a simple annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(path, value, a)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"invalid {path}: {value!r} (expected a list)")
+        return [_check_type(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"invalid {path}: {value!r} (expected a mapping)")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"invalid {path}: {value!r} (expected a number)")
+        return float(value)
+    if tp in (int, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise UserError(f"invalid {path}: {value!r} (expected {tp.__name__})")
+        return value
+    return value
+
+
+def build_dataclass(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build ``cls`` from a nested dict, rejecting unknown keys (with did-you-mean) and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"invalid {path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{path}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {path + close[0]!r}?)" if close else ""
+            raise UserError(f"unknown config key {full!r}{hint}; valid keys: {', '.join(sorted(fields))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build_dataclass(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _check_type(full, value, tp)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values: Python/YAML literals (numbers, true/false, null, lists); anything else is a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` assignment to a nested dict."""
+    if "=" not in assignment:
+        raise UserError(f"invalid --set {assignment!r}: expected key=value")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"invalid --set key {key!r}")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"invalid --set {assignment!r}: {p!r} is not a section")
+    node[parts[-1]] = _parse_value(text)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config with ``safe_load``; a missing file or bad YAML is a one-line error."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {str(p)!r}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"invalid YAML in {str(p)!r}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"invalid config {str(p)!r}: top level must be a mapping")
+    return data
+
+
+def normalise(data: dict[str, Any]) -> dict[str, Any]:
+    """Accept ``methods`` as a list of names or as a mapping name -> options (then the keys are run)."""
+    data = dict(data)
+    methods = data.get("methods")
+    if isinstance(methods, dict):
+        opts = data.setdefault("method_options", {})
+        for name, o in methods.items():
+            opts.setdefault(name, {}).update(o or {})
+        data["methods"] = list(methods)
+    elif isinstance(methods, str):
+        data["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
+    return data
+
+
+def make_config(base: dict[str, Any] | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Build a validated :class:`ExperimentConfig` from a dict (e.g. YAML + CLI flags) and ``--set`` strings."""
+    data = normalise(base or {})
+    for o in overrides or []:
+        # ``methods.<name>.<field>=v`` sets a method option, not the list of methods to run
+        if o.startswith("methods.") and o.count(".") >= 2:
+            o = "method_options." + o[len("methods."):]
+        apply_override(data, o)
+    return build_dataclass(ExperimentConfig, normalise(data))

@@ -1,0 +1,169 @@
+"""Base models: the self-pretrained tiny-world Llama (built once, cached by recipe hash) or any HF causal LM."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmark.config import TINY_WORLD, ModelConfig, PretrainConfig, TrainConfig
+from benchmark.errors import UserError
+
+logger = logging.getLogger(__name__)
+RECIPE_VERSION = 1
+TINYWORLD_DATA = Path(__file__).resolve().parent.parent / "tasks" / "tinyworld"
+SPECIALS = ["<|endoftext|>", "<|pad|>"]
+
+
+def cache_root() -> Path:
+    """Where built base models live: ``$FORGETBENCH_CACHE`` or ``~/.cache/forgetbench``."""
+    return Path(os.environ.get("FORGETBENCH_CACHE", Path.home() / ".cache" / "forgetbench"))
+
+
+def _corpus() -> list[str]:
+    with open(TINYWORLD_DATA / "facts.jsonl", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def _tokenizer_texts() -> list[str]:
+    """Text the tokenizer is trained on: the facts plus every tiny-world training file."""
+    texts = _corpus()
+    for p in sorted(TINYWORLD_DATA.glob("*train*.jsonl")):
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                texts.append(" ".join(str(v) for v in r.values() if isinstance(v, str)))
+    return texts
+
+
+def recipe_hash(cfg: PretrainConfig, general_hashes: list[str]) -> str:
+    """Cache key of the tiny-world base: recipe, data bytes, general suite, and library versions."""
+    import transformers
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"cfg": cfg.__dict__, "v": RECIPE_VERSION, "torch": torch.__version__,
+                         "transformers": transformers.__version__}, sort_keys=True).encode())
+    for p in sorted(TINYWORLD_DATA.glob("*.jsonl")):
+        h.update(p.name.encode() + p.read_bytes())
+    for gh in general_hashes:
+        h.update(gh.encode())
+    return h.hexdigest()[:16]
+
+
+def train_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE trained locally; digits are split one per token so arithmetic is learnable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_tokenizer_texts(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIALS[0], pad_token=SPECIALS[1])
+
+
+def pretrain_tinyworld(cfg: PretrainConfig, general_specs: list[Any], out_dir: Path, quiet: bool = False) -> dict:
+    """Build the tokenizer and pretrain a small Llama on the fact corpus until general accuracy >= target."""
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmark.data import encode_texts
+    from benchmark.evaluate import evaluate
+    from benchmark.train import train_stage
+
+    torch.manual_seed(cfg.seed)
+    tok = train_tokenizer(cfg.vocab_size)
+    mcfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, bos_token_id=None,
+    )
+    model = LlamaForCausalLM(mcfg)
+    examples = encode_texts(_corpus(), tok, max_len=64)
+    train_cfg = TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, scheduler="constant", warmup_steps=cfg.warmup_steps)
+    history: list[dict[str, float]] = []
+
+    def reached(step: int) -> bool:
+        res = evaluate(model, tok, general_specs, batch_size=256)
+        acc = sum(res.scores.values()) / len(res.scores)
+        history.append({"step": step, "general_accuracy": acc})
+        logger.info("pretraining step %d: general accuracy %.1f", step, acc)
+        return acc >= cfg.target_accuracy
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    stats = train_stage(model, None, examples, cfg.max_steps, train_cfg, cfg.lr, gen, tok.pad_token_id,
+                        Accelerator(cpu=not torch.cuda.is_available()), desc="pretrain tiny-world", quiet=quiet,
+                        check_every=cfg.eval_every, should_stop=reached)
+    info = {"steps": stats.steps, "seconds": time.perf_counter() - t0, "history": history,
+            "parameters": sum(p.numel() for p in model.parameters())}
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    (out_dir / "pretrain.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def tinyworld_path(cfg: PretrainConfig, general_specs: list[Any], quiet: bool = False) -> Path:
+    """Path of the cached tiny-world base model, building it first when missing (atomic: temp dir + rename)."""
+    key = recipe_hash(cfg, [s.content_hash() for s in general_specs])
+    final = cache_root() / f"tinyworld-{key}"
+    if (final / "pretrain.json").is_file():
+        logger.info("tiny-world base model: cache hit %s", final)
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    try:
+        logger.info("pretraining the tiny-world base model (recipe %s)", key)
+        info = pretrain_tinyworld(cfg, general_specs, tmp, quiet=quiet)
+        logger.info("tiny-world base: %d steps, %.0f s, general accuracy %.1f", info["steps"], info["seconds"],
+                    info["history"][-1]["general_accuracy"] if info["history"] else float("nan"))
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished first: theirs is equally valid
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def load_base(cfg: ModelConfig, path: str | Path | None = None) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from ``path`` (tiny-world cache) or ``cfg.name`` (hub id / local dir)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = str(path if path is not None else cfg.name)
+    if path is None and cfg.name != TINY_WORLD and (cfg.name.startswith((".", "/", "~")) and not Path(cfg.name).exists()):
+        raise UserError(f"model path does not exist: {cfg.name!r}")
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=resolve_dtype(cfg.dtype),
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except OSError as exc:
+        raise UserError(f"cannot load model {src!r}: {str(exc).splitlines()[0]}") from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def model_slug(name: str) -> str:
+    """A file-name-safe model name."""
+    return name.rstrip("/").replace("/", "_").replace(":", "_")

@@ -1,0 +1,122 @@
+"""One plain training loop for every method, driven by ``accelerate``; method behaviour comes only from hooks."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from benchmark.config import TrainConfig
+from benchmark.data import Example, batches
+
+logger = logging.getLogger(__name__)
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class StageStats:
+    steps: int
+    seconds: float
+    final_loss: float
+    mean_loss: float
+    tokens: int
+
+
+class _NoHooks:
+    """Stand-in method with no hooks (plain language modelling)."""
+
+    def forward_context(self, model: nn.Module, batch: dict) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def aux_loss(self, model: nn.Module) -> None:
+        return None
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        return None
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=min(cfg.warmup_steps, steps), num_training_steps=steps)
+
+
+def train_stage(
+    model: nn.Module,
+    method: Any,
+    examples: list[Example],
+    steps: int,
+    cfg: TrainConfig,
+    lr: float,
+    generator: torch.Generator,
+    pad_id: int,
+    accelerator: Any,
+    desc: str = "train",
+    quiet: bool = False,
+    check_every: int = 0,
+    should_stop: Any = None,
+) -> StageStats:
+    """Train ``steps`` optimiser steps on ``examples``; loss = LM loss + ``method.aux_loss``.
+
+    Each process takes its slice of every global batch, so the global batch and the data order are the same
+    for any number of processes. ``method`` may be ``None`` (plain language modelling, e.g. pretraining);
+    ``should_stop(step)`` is asked every ``check_every`` steps and ends the stage early when it says so.
+    """
+    method = method if method is not None else _NoHooks()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the method left no trainable parameter")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    model.train()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    micro = math.ceil(cfg.batch_size / cfg.grad_accum)
+    t0, losses, tokens = time.perf_counter(), [], 0
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=quiet or not accelerator.is_main_process)
+    for step, batch in enumerate(batches(examples, cfg.batch_size, steps, generator, pad_id), start=1):
+        step_loss = 0.0
+        for m in range(cfg.grad_accum):
+            part = {k: v[m * micro:(m + 1) * micro][rank::world].to(accelerator.device) for k, v in batch.items()}
+            if part["input_ids"].shape[0] == 0:
+                continue
+            weight = part["input_ids"].shape[0] * world / batch["input_ids"].shape[0]
+            with method.forward_context(model, part):
+                out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
+                            labels=part["labels"])
+                loss = out.loss
+                aux = method.aux_loss(model)
+                if aux is not None:
+                    loss = loss + aux
+                if not torch.isfinite(loss):
+                    raise DivergenceError(f"non-finite loss {loss.item()} at step {step} of {desc}")
+                accelerator.backward(loss * weight)
+            step_loss += loss.item() * weight
+            tokens += int(part["attention_mask"].sum())
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.on_step(model, step)
+        losses.append(step_loss)
+        bar.update(1)
+        if step % 10 == 0 or step == steps:
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+        if check_every and should_stop is not None and step % check_every == 0 and should_stop(step):
+            break
+    bar.close()
+    return StageStats(steps=len(losses), seconds=time.perf_counter() - t0, final_loss=losses[-1],
+                      mean_loss=sum(losses) / len(losses), tokens=tokens)

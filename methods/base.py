@@ -1,0 +1,125 @@
+"""The method plugin contract: a validated dataclass config and a class with a few optional hooks.
+
+A method is registered by name with :func:`register_method`; the runner reaches it only through the
+registry and never branches on its name. Outside packages register through the entry-point group
+``forgetbench.methods`` (``name = "pkg.module:MyMethod"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from benchmark.registry import Registry
+
+METHODS: Registry[type[Method]] = Registry("method", group="forgetbench.methods", builtin_package="methods")
+
+
+def register_method(name: str):
+    """Class decorator: ``@register_method("lora")`` registers a :class:`Method` subclass under ``name``."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS.register(name, cls)
+        return cls
+
+    return deco
+
+
+@dataclass
+class TaskInfo:
+    """What a method may know about the task of the current stage."""
+
+    name: str
+    kind: str  # "knowledge" or "skill"
+    stage: int  # 1-based stage index in the sequence
+    num_stages: int
+
+
+@dataclass
+class MethodConfig:
+    """Base for method hyper-parameters; subclasses add documented fields and validate them.
+
+    Args:
+        lr: learning rate for this method; ``None`` uses ``train.lr`` of the experiment config.
+    """
+
+    lr: float | None = field(default=None, metadata={"help": "Learning rate override (None: train.lr)."})
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"Invalid lr: {self.lr!r} (must be a positive number or null)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Method(ABC):
+    """Base class of every fine-tuning method. Only :meth:`wrap` is required."""
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_cls()
+
+    @abstractmethod
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Inject adapters, freeze what the method freezes, and return the model to train."""
+
+    # -- optional hooks -----------------------------------------------------------------------------
+    def on_task_start(self, model: nn.Module, task: TaskInfo) -> None:
+        """Called before training on a task."""
+
+    def on_task_end(self, model: nn.Module, task: TaskInfo) -> None:
+        """Called after training on a task, before it is evaluated."""
+
+    @contextlib.contextmanager
+    def forward_context(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Context around each training forward pass; batch side information (``task_types``,
+        ``attention_mask``) reaches layers through it without changing ``transformers``' signatures."""
+        yield
+
+    def aux_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """Extra loss terms of the latest forward pass (e.g. a balancing loss), or ``None``."""
+        return None
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        """Called after every optimiser step."""
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint must hold to restore the method (default: trainable params + buffers it owns)."""
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`trainable_state`."""
+        missing = set(state) - {n for n, _ in model.named_parameters()} - {n for n, _ in model.named_buffers()}
+        if missing:
+            raise KeyError(f"checkpoint keys not in model: {sorted(missing)[:5]}")
+        model.load_state_dict(state, strict=False)
+
+    def diagnostics(self, model: nn.Module) -> dict[str, Any]:
+        """Method-specific diagnostics for the run record (e.g. routing statistics)."""
+        return {}
+
+    def param_counts(self, model: nn.Module) -> dict[str, int]:
+        """``trainable`` parameters and ``active`` ones (used per token; equal unless the method is sparse)."""
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return {"trainable": n, "active": n}
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The module handed to evaluation (must behave like a ``transformers`` causal LM)."""
+        return model
+
+
+def freeze(model: nn.Module) -> None:
+    """Set ``requires_grad=False`` on every parameter."""
+    for p in model.parameters():
+        p.requires_grad_(False)
