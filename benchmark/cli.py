@@ -27,8 +27,15 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"invalid seeds {text!r}: expected comma-separated integers, e.g. 0,1,2")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line (``error: ...``, exit code 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="forgetbench", description="Continual fine-tuning benchmark: "
+    p = _Parser(prog="forgetbench", description="Continual fine-tuning benchmark: "
                                 "downstream score versus forgetting of general knowledge.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -48,9 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--limit", type=int, help="evaluate at most N examples per task (quick checks)")
     how.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
     how.add_argument("--dry-run", action="store_true", help="print the plan (methods x seeds x stages) and exit")
+    how.add_argument("--force", action="store_true",
+                     help="redo runs that already finished and drop their checkpoints (default: skip finished "
+                          "runs, resume unfinished ones from their last finished stage)")
+    how.add_argument("--general", metavar="SUITE",
+                     help="general suite: a name from `ls suites` (e.g. slim, trace-like, commonsense) or a suite "
+                          "YAML file (default: the sequence's own)")
+    how.add_argument("--shard", metavar="K/N", help="run only the K-th of N round-robin slices of the "
+                     "(method x seed) plan, e.g. 1/4 on the first of four machines")
+    how.add_argument("--data-dir", metavar="DIR", help="prepared datasets (from `prepare`; default "
+                     "$FORGETBENCH_DATA or ~/.cache/forgetbench/data)")
+    how.add_argument("--reference", metavar="KIND",
+                     help="also run a reference per seed: 'joint' = multi-task training on all tasks (upper bound, "
+                          "gives intransigence)")
 
     ls = sub.add_parser("ls", help="list registered methods, tasks or sequences and where each came from")
-    ls.add_argument("what", choices=["methods", "tasks", "sequences"])
+    ls.add_argument("what", choices=["methods", "tasks", "sequences", "suites"])
+
+    prep = sub.add_parser("prepare", help="download every dataset (and lm-eval task, and optionally the model) a "
+                          "run needs into one folder, with a manifest, for offline machines")
+    prep.add_argument("--sequence", required=True, help="sequence name (see `ls sequences`)")
+    prep.add_argument("--general", metavar="SUITE", help="general suite name or YAML (default: the sequence's)")
+    prep.add_argument("--cache", "--data-dir", dest="cache", metavar="DIR",
+                      help="where to write (default: $FORGETBENCH_DATA or ~/.cache/forgetbench/data)")
+    prep.add_argument("--model", help="also snapshot this hub model into DIR/models/")
+    prep.add_argument("--model-revision", help="hub revision of --model (branch, tag or commit)")
+    prep.add_argument("--set", action="append", default=[], metavar="ROOT=DIR",
+                      help="a local dataset root, e.g. --set trace=/data/LLM-CL-Benchmark_5000 (repeatable)")
 
     lb = sub.add_parser("leaderboard", help="rebuild the leaderboard, CSVs and plots from run records")
     lb.add_argument("--results", nargs="+", required=True, help="result directories to merge")
@@ -75,7 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         base["methods"] = args.methods
     if args.seeds is not None:
         base["seeds"] = args.seeds
-    for key, value in (("sequence", args.sequence), ("output", args.output)):
+    for key, value in (("sequence", args.sequence), ("output", args.output), ("reference", args.reference),
+                       ("general", args.general), ("shard", args.shard), ("data_dir", args.data_dir)):
         if value is not None:
             base[key] = value
     model = dict(base.get("model") or {})
@@ -88,22 +120,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         base.setdefault("eval", {})["limit"] = args.limit
     cfg = make_config(base, args.set)
+    from benchmark.prepare import configure_data_env
 
-    from benchmark.runner import describe, make_plan, run_experiment
+    configure_data_env(cfg.data_dir, cfg.data_roots)  # before anything imports `datasets`
 
+    from benchmark.runner import describe, run_experiment
+    from benchmark.validate import validate
+
+    plan = validate(cfg, force=args.force)  # every check before anything is written
     if args.dry_run:
-        print(describe(make_plan(cfg)))
+        print(describe(plan))
         return 0
-    return run_experiment(cfg, quiet=args.quiet)
+    return run_experiment(cfg, quiet=args.quiet, force=args.force, plan=plan)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     if args.what == "methods":
         from methods import METHODS as reg
     else:
-        from tasks import SEQUENCES, TASKS
+        from tasks import SEQUENCES, SUITES, TASKS
 
-        reg = TASKS if args.what == "tasks" else SEQUENCES
+        reg = {"tasks": TASKS, "sequences": SEQUENCES, "suites": SUITES}[args.what]
     width = max((len(n) for n in reg.names()), default=0)
     for name in reg.names():
         extra = ""
@@ -111,6 +148,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
             spec = reg.get(name)
             extra = f"  [{getattr(spec, 'group', '?')}, {getattr(spec, 'kind', '?')}]"
         print(f"{name:<{width}}  {reg.origin(name)}{extra}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from benchmark.prepare import configure_data_env, prepare
+
+    roots = {}
+    for item in args.set:
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise UserError(f"invalid --set {item!r}: expected ROOT=DIR, e.g. trace=/data/TRACE")
+        roots[name.strip()] = folder.strip()
+    configure_data_env(args.cache, roots)
+    manifest = prepare(args.sequence, args.general, args.cache, args.model, args.model_revision)
+    print(f"prepared {len(manifest['datasets'])} dataset splits and {len(manifest['lm_eval_tasks'])} lm-eval tasks "
+          f"-> {manifest['data_root']}/manifest.json; run offline with --data-dir {manifest['data_root']}")
+    for mid, info in manifest["models"].items():
+        print(f"model {mid} -> {info['path']} (use --model {info['path']})")
     return 0
 
 
@@ -122,19 +177,25 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             raise UserError(f"not a results directory (no runs/ folder): {d!r}")
     out = args.output or args.results[0]
     df = write_all(out, args.results)
-    print(f"{len(df)} leaderboard rows -> {Path(out) / 'leaderboard.md'}")
+    print(f"{len(df)} leaderboard rows -> {Path(out) / 'leaderboard.md'} (also leaderboard.csv, runs.csv, "
+          f"scores.csv, routing.csv, plots/, report.html)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmark`` and the ``forgetbench`` script."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("lm-eval", "lm_eval", "datasets", "transformers", "accelerate", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not args.verbose else logging.INFO)
     try:
-        return {"run": cmd_run, "ls": cmd_ls, "leaderboard": cmd_leaderboard}[args.command](args)
+        commands = {"run": cmd_run, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "prepare": cmd_prepare}
+        return commands[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

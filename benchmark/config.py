@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import yaml
 from benchmark.errors import UserError
 
 TINY_WORLD = "tiny-world"
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 SCHEDULERS = ("constant", "cosine", "linear")
 
 
@@ -61,6 +63,8 @@ class ModelConfig:
     name: str = TINY_WORLD
     dtype: str = "auto"  # auto: bf16 on a GPU with bf16 support, fp32 otherwise
     trust_remote_code: bool = False
+    revision: str | None = None  # hub revision (branch, tag or commit) of a hub model
+    chat_template: bool = False  # instruction models: wrap prompts in the tokenizer's chat template (train + eval)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self) -> None:
@@ -117,6 +121,11 @@ class ExperimentConfig:
     sequence: str = TINY_WORLD
     output: str = "outputs"
     num_threads: int | None = None
+    reference: str | None = None  # "joint": also run the joint-training upper bound (benchmark/reference.py)
+    general: str | None = None  # a named suite (tasks/suites) or a suite YAML file replacing the sequence's own
+    shard: str | None = None  # "K/N": run only the K-th of N round-robin slices of the (method x seed) plan
+    data_dir: str | None = None  # prepared datasets (python -m benchmark prepare); default $FORGETBENCH_DATA
+    data_roots: dict[str, str] = field(default_factory=dict)  # local dataset folders, e.g. {trace: /data/TRACE}
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -132,6 +141,13 @@ class ExperimentConfig:
                 raise UserError(f"invalid seed: {s!r} (must be a non-negative integer)")
         if self.num_threads is not None:
             _positive("num_threads", self.num_threads)
+        from benchmark.reference import check_reference
+
+        check_reference(self.reference)
+        if self.shard is not None:
+            from benchmark.shard import parse_shard
+
+            parse_shard(self.shard)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +179,9 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
             raise UserError(f"invalid {path}: {value!r} (expected a mapping)")
         return value
     if tp is float:
+        # YAML 1.1 reads "1e30" and "3e-4" (no dot) as strings: accept a plain numeric literal
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"invalid {path}: {value!r} (expected a number)")
         return float(value)
@@ -193,8 +212,8 @@ def build_dataclass(cls: type, data: dict[str, Any], path: str = "") -> Any:
             kwargs[key] = _check_type(full, value, tp)
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise UserError(str(exc)) from exc
+    except (ValueError, TypeError) as exc:  # e.g. a method config's __post_init__: say which section
+        raise UserError(f"{path.rstrip('.')}: {exc}" if path else str(exc)) from exc
 
 
 def _parse_value(text: str) -> Any:

@@ -18,10 +18,10 @@ KIND_TO_TYPE = {"knowledge": 1, "skill": 0}  # LoRAMoE task types: 1 = world kno
 
 
 def render(template: str, record: dict[str, Any]) -> str:
-    """Render a Jinja template exactly as lm-eval does."""
-    from lm_eval.utils import apply_template
+    """Render a Jinja template exactly as lm-eval does (compiled once per template)."""
+    from benchmark.evaluate import render_template
 
-    return apply_template(template, record)
+    return render_template(template, record)
 
 
 @dataclass
@@ -31,8 +31,40 @@ class Example:
     task_type: int
 
 
-def encode_example(spec: TaskSpec, record: dict[str, Any], tokenizer: Any, max_len: int) -> Example:
-    """Tokenise one record: loss on the answer only (``answer``) or on the whole text (``full``)."""
+def choice_list(spec: TaskSpec, record: dict[str, Any]) -> list[str]:
+    """The answer options of a multiple-choice record, read as lm-eval reads ``doc_to_choice``."""
+    import ast
+
+    if spec.choices in record:
+        return list(record[spec.choices])
+    return list(ast.literal_eval(render("{{" + spec.choices + "}}", record)))
+
+
+def answer_text(spec: TaskSpec, record: dict[str, Any]) -> str:
+    """The training answer: the rendered target, or for multiple choice the gold option's text."""
+    target = render(spec.target, record)
+    if spec.output_type == "multiple_choice":
+        options = choice_list(spec, record)
+        t = target.strip()
+        return options[int(t)] if t.isdigit() else t
+    return target
+
+
+def chat_prompt(tokenizer: Any, prompt: str, answer: str | None = None) -> str:
+    """The prompt (and answer) in the tokenizer's chat format, as lm-eval's ``apply_chat_template`` builds it."""
+    messages = [{"role": "user", "content": prompt}]
+    if answer is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+
+
+def encode_example(spec: TaskSpec, record: dict[str, Any], tokenizer: Any, max_len: int,
+                   chat: bool = False) -> Example:
+    """Tokenise one record: loss on the answer only (``answer``) or on the whole text (``full``).
+
+    With ``chat`` the prompt is wrapped in the tokenizer's chat template and the answer is the assistant turn
+    (with the template's end-of-turn marker, no delimiter), matching lm-eval's ``apply_chat_template`` contexts.
+    """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     task_type = KIND_TO_TYPE[spec.kind]
     if spec.train_format == "full":
@@ -41,8 +73,18 @@ def encode_example(spec: TaskSpec, record: dict[str, Any], tokenizer: Any, max_l
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
         ids = ids[:max_len]
         return Example(ids, list(ids), task_type)
-    ctx = tokenizer(render(spec.prompt, record), add_special_tokens=False)["input_ids"]
-    ans = tokenizer(spec.target_delimiter + render(spec.target, record), add_special_tokens=False)["input_ids"] + eos
+    prompt, answer = render(spec.prompt, record), answer_text(spec, record)
+    if chat:
+        context = chat_prompt(tokenizer, prompt)
+        full = chat_prompt(tokenizer, prompt, answer)
+        # the assistant turn is what the template adds after the generation prompt; fall back to answer + EOS
+        answer_part = full[len(context):] if full.startswith(context) else None
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        ans = (tokenizer(answer_part, add_special_tokens=False)["input_ids"] if answer_part
+               else tokenizer(answer, add_special_tokens=False)["input_ids"] + eos)
+    else:
+        ctx = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ans = tokenizer(spec.target_delimiter + answer, add_special_tokens=False)["input_ids"] + eos
     ids = (ctx + ans)[-max_len:]  # keep the answer when truncating
     labels = ([-100] * len(ctx) + ans)[-max_len:]
     return Example(ids, labels, task_type)
@@ -58,12 +100,13 @@ def encode_texts(texts: list[str], tokenizer: Any, max_len: int, task_type: int 
     return out
 
 
-def encode_task(spec: TaskSpec, tokenizer: Any, max_len: int, limit: int | None = None) -> list[Example]:
-    """All training examples of a task (first ``limit`` records if set)."""
+def encode_task(spec: TaskSpec, tokenizer: Any, max_len: int, limit: int | None = None,
+                chat: bool = False) -> list[Example]:
+    """All training examples of a task (first ``limit`` records if set); ``chat``: see :func:`encode_example`."""
     records = spec.records("train")
     if limit is not None:
         records = records[:limit]
-    return [encode_example(spec, r, tokenizer, max_len) for r in records]
+    return [encode_example(spec, r, tokenizer, max_len, chat=chat) for r in records]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,116 +1,248 @@
-"""The leaderboard: run records -> per-run metrics -> one row per (method, model, sequence), mean +- std.
+"""The leaderboard: run records -> per-run metrics (``runs.csv``) -> one row per method, model and sequence.
 
-Always rebuilt from ``runs/*.json`` alone (no model needed), so several result folders can be merged.
+Always rebuilt from ``runs/*.json`` alone (no model needed), so several result folders can be merged. Columns are
+declared here and documented in ``results/README.md``; an undefined metric is empty with a ``*_reason``, never 0.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from benchmark import metrics
-from benchmark.records import SCHEMA_VERSION, SCORE_COLUMNS, atomic_write_text, load_records, score_rows
+from benchmark.metrics import MetricValue
+from benchmark.records import (ROUTING_COLUMNS, ROUTING_FLOATS, ROUTING_INTS, SCHEMA_VERSION, SCORE_COLUMNS,
+                               SCORE_FLOATS, SCORE_INTS, atomic_write_text, kind, load_records, routing_rows,
+                               score_rows, typed_frame)
 
 logger = logging.getLogger(__name__)
-HEADLINE = ["final_avg", "avg_incremental", "plasticity", "bwt", "forgetting", "fwt", "general_base",
-            "general_final", "general_delta", "general_delta_norm", "general_retention", "general_worst_delta"]
+METRIC_NAMES = list(metrics.METRICS)
 COST = ["trainable_params", "active_params", "train_seconds", "peak_memory_mb"]
-KEYS = ["method", "model", "sequence", "sequence_id"]
+RUN_COST = ["trainable_params", "active_params", "train_seconds", "eval_seconds", "wall_seconds", "peak_memory_mb"]
+VERSION_PKGS = ["torch", "transformers", "peft", "lm_eval", "datasets", "accelerate", "forgetbench"]
+KEYS = ["kind", "method", "model", "sequence", "sequence_id"]
+ID_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence", "sequence_id", "seed"]
+RUN_COLUMNS = (ID_COLUMNS + ["status", "error", "n_tasks", "n_general", "n_stages_done"]
+               + [c for m in METRIC_NAMES for c in (m, f"{m}_reason")] + ["reference_runs"] + RUN_COST
+               + ["train_steps", "n_examples", "eval_batch_size", "eval_limit", "num_threads", "device"]
+               + [f"version_{p}" for p in VERSION_PKGS] + ["python", "git_sha", "git_dirty", "method_config"])
+INT_RUN_COLUMNS = ["seed", "n_tasks", "n_general", "n_stages_done", "reference_runs", "trainable_params",
+                   "active_params", "train_steps", "n_examples", "eval_batch_size", "eval_limit", "num_threads"]
+FLOAT_RUN_COLUMNS = METRIC_NAMES + [c for c in RUN_COST if c not in INT_RUN_COLUMNS]
+LEADERBOARD_COLUMNS = (["schema_version"] + KEYS + ["n_seeds", "n_failed", "seeds", "pareto"]
+                       + [c for m in METRIC_NAMES for c in (m, f"{m}_std", f"{m}_n", f"{m}_reason")]
+                       + [c for k in COST for c in (k, f"{k}_std")] + ["n_examples", "eval_batch_size"])
+NO_REFERENCE = "no joint reference run for this model and sequence (run with --reference joint)"
 
 
-def run_metrics(rec: dict[str, Any]) -> dict[str, Any]:
-    """Every metric of one finished run (value or None), plus the reasons for undefined ones."""
-    out: dict[str, Any] = {k: rec.get(k) for k in KEYS + ["run_id", "seed", "status"]}
-    if rec.get("status") != "success" or not rec.get("R"):
-        return out
-    chance = rec.get("general_chance") or [0.0] * len(rec.get("general_tasks", []))
-    G = rec.get("G") if rec.get("general_tasks") else [[] for _ in rec["R"]]
-    for name, mv in metrics.compute_all(rec["R"], G, chance).items():
-        out[name] = mv.value
-        if mv.value is None:
-            out[f"{name}_reason"] = mv.reason
-    costs = rec.get("costs", {})
-    for k in COST:
-        out[k] = costs.get(k)
+def reference_scores(records: list[dict[str, Any]]) -> dict[tuple, tuple[list[float], int]]:
+    """(model, sequence_id) -> (per-task mean of the successful reference runs' final row, number of runs)."""
+    rows: dict[tuple, list[list[float]]] = {}
+    for r in records:
+        if kind(r) == "reference" and r.get("status") == "success" and r.get("R"):
+            rows.setdefault((r.get("model"), r.get("sequence_id")), []).append(r["R"][-1])
+    out = {}
+    for key, finals in rows.items():
+        cols = list(zip(*finals))
+        out[key] = ([metrics.aggregate(list(c))["mean"] if any(x is not None for x in c) else math.nan
+                     for c in cols], len(finals))
     return out
 
 
-def build(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (method, model, sequence id): means over successful seeds, ``_std`` columns, Pareto flag."""
-    per_run = [run_metrics(r) for r in records]
+def _call(name: str, **inputs: Any) -> MetricValue:
+    fn = metrics.METRICS[name][0]
+    return fn(**{p: inputs[p] for p in inspect.signature(fn).parameters})
+
+
+def _reference_metrics(R: list, G: list, chance: list) -> dict[str, MetricValue]:
+    """A joint reference has one training stage: final_avg and the general metrics; no sequence metrics."""
+    T = len(R[0])
+    padded = [R[0]] + [[math.nan] * T] * (T - 1) + [R[-1]]  # final_avg reads rows 0 and T only
+    why = MetricValue(None, "reference run (joint training on all tasks): there is no sequence of stages")
+    out = {}
+    for name in METRIC_NAMES:
+        if name == "final_avg":
+            out[name] = metrics.final_avg(padded)
+        elif name.startswith("general_"):
+            out[name] = _call(name, G=G, chance=chance)
+        else:
+            out[name] = why
+    return out
+
+
+def run_metrics(rec: dict[str, Any], references: dict[tuple, tuple[list[float], int]] | None = None
+                ) -> dict[str, MetricValue]:
+    """Every metric of :data:`metrics.METRICS` for one run record; undefined ones carry their reason."""
+    status = rec.get("status")
+    if status != "success" or not rec.get("R"):
+        why = f"run status is {status!r}" + (f": {rec.get('error')}" if rec.get("error") else "")
+        return {m: MetricValue(None, why) for m in METRIC_NAMES}
+    chance = rec.get("general_chance") or [0.0] * len(rec.get("general_tasks", []))
+    G = rec.get("G") if rec.get("general_tasks") else [[] for _ in rec["R"]]
+    if kind(rec) == "reference":
+        return _reference_metrics(rec["R"], G, chance)
+    ref = (references or {}).get((rec.get("model"), rec.get("sequence_id")))
+    out = metrics.compute_all(rec["R"], G, chance, reference=ref[0] if ref else None)
+    if ref is None:
+        out["intransigence"] = MetricValue(None, NO_REFERENCE)
+    return out
+
+
+def run_row(rec: dict[str, Any], references: dict[tuple, tuple[list[float], int]] | None = None) -> dict[str, Any]:
+    """One ``runs.csv`` row: identity, status, every metric with its reason, costs, evaluation facts, versions."""
+    row: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **{k: rec.get(k) for k in ID_COLUMNS[1:]}}
+    row["kind"] = kind(rec)
+    stages = [s for s in rec.get("stages") or [] if isinstance(s, dict)]
+    row.update(status=rec.get("status"), error=rec.get("error"), n_tasks=len(rec.get("tasks") or []),
+               n_general=len(rec.get("general_tasks") or []), n_stages_done=len(stages))
+    for name, mv in run_metrics(rec, references).items():
+        row[name], row[f"{name}_reason"] = mv.value, mv.reason
+    ref = (references or {}).get((rec.get("model"), rec.get("sequence_id")))
+    row["reference_runs"] = ref[1] if ref and kind(rec) == "method" else 0
+    costs = rec.get("costs") or {}
+    row.update({k: costs.get(k) for k in RUN_COST})
+    ev, env = (rec.get("config") or {}).get("eval") or {}, rec.get("env") or {}
+    n_ex = rec.get("n_examples") or {}
+    row.update(train_steps=sum(s.get("steps") or 0 for s in stages) if stages else None,
+               n_examples=sum(n_ex.values()) if n_ex else None, eval_batch_size=ev.get("batch_size"),
+               eval_limit=ev.get("limit"), num_threads=env.get("torch_threads"), device=env.get("device"))
+    row.update({f"version_{p}": (env.get("versions") or {}).get(p) for p in VERSION_PKGS})
+    git = rec.get("git") or {}
+    row.update(python=env.get("python"), git_sha=git.get("sha"), git_dirty=git.get("dirty"),
+               method_config=json.dumps(rec.get("method_config") or {}, sort_keys=True))
+    return row
+
+
+def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """``runs.csv``: one row per run (failed ones included), sorted by model, sequence, kind, method, seed."""
+    refs = reference_scores(records)
+    df = typed_frame([run_row(r, refs) for r in records], RUN_COLUMNS, INT_RUN_COLUMNS, FLOAT_RUN_COLUMNS)
+    return df.sort_values(["model", "sequence_id", "kind", "method", "seed"], kind="stable").reset_index(drop=True)
+
+
+def _reason(sub: pd.DataFrame, metric: str, n_ok: int, n_def: int) -> str | None:
+    if n_ok == 0:
+        return f"no successful run ({len(sub)} not successful)"
+    if n_def == n_ok:
+        return None
+    reasons = "; ".join(sorted(set(sub.loc[sub[metric].isna(), f"{metric}_reason"].dropna().astype(str))))
+    return reasons if n_def == 0 else f"{n_ok - n_def} of {n_ok} seeds undefined: {reasons}"
+
+
+def _none(x: Any) -> Any:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA else x
+
+
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (kind, method, model, sequence id): mean, std, n over successful seeds; Pareto flag."""
     rows = []
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in per_run:
-        groups.setdefault(tuple(r.get(k) for k in KEYS), []).append(r)
-    for key, runs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
-        ok = [r for r in runs if r.get("status") == "success"]
-        row: dict[str, Any] = dict(zip(KEYS, key))
-        row.update(schema_version=SCHEMA_VERSION, n_seeds=len(ok), n_failed=len(runs) - len(ok),
-                   seeds=",".join(str(r["seed"]) for r in sorted(ok, key=lambda r: r["seed"])))
-        for m in HEADLINE + COST:
-            agg = metrics.aggregate([r.get(m) for r in ok])
-            row[m] = agg["mean"]
-            row[f"{m}_std"] = agg["std"]
+    for key, sub in runs.groupby(KEYS, dropna=False, sort=True):
+        ok = sub[sub["status"] == "success"]
+        row: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **dict(zip(KEYS, key))}
+        row.update(n_seeds=len(ok), n_failed=len(sub) - len(ok), seeds=",".join(str(s) for s in sorted(ok["seed"])))
+        for m in METRIC_NAMES:
+            agg = metrics.aggregate([_none(v) for v in ok[m]])
+            row.update({m: agg["mean"], f"{m}_std": agg["std"], f"{m}_n": agg["n"],
+                        f"{m}_reason": _reason(ok if len(ok) else sub, m, len(ok), agg["n"])})
+        for c in COST:
+            agg = metrics.aggregate([_none(v) for v in ok[c]])
+            row.update({c: agg["mean"], f"{c}_std": agg["std"]})
+        for c in ("n_examples", "eval_batch_size"):  # equal over seeds unless settings changed; keep the smallest
+            vals = [int(v) for v in ok[c] if _none(v) is not None]
+            row[c] = min(vals) if vals else None
+            if len(set(vals)) > 1:
+                logger.warning("%s: runs with different %s (%s) are averaged together", "/".join(map(str, key)), c,
+                               sorted(set(vals)))
         rows.append(row)
-    df = pd.DataFrame(rows)
+    floats = [c for m in METRIC_NAMES + COST for c in (m, f"{m}_std")]
+    ints = ["n_seeds", "n_failed", "n_examples", "eval_batch_size"] + [f"{m}_n" for m in METRIC_NAMES]
+    df = typed_frame(rows, LEADERBOARD_COLUMNS, ints, floats)
     if df.empty:
         return df
-    df["pareto"] = False
-    for _, idx in df.groupby(["model", "sequence_id"], dropna=False).groups.items():
+    df["pareto"] = False  # reference rows (upper bounds) never compete for the front
+    for _, idx in df[df["kind"] == "method"].groupby(["model", "sequence_id"], dropna=False).groups.items():
         sub = df.loc[idx]
-        flags = metrics.pareto_front(list(zip(sub["final_avg"], sub["general_delta"])))
-        df.loc[idx, "pareto"] = flags
-    return df.sort_values(["model", "sequence", "final_avg"], ascending=[True, True, False]).reset_index(drop=True)
+        df.loc[idx, "pareto"] = metrics.pareto_front(list(zip(sub["final_avg"], sub["general_delta"])))
+    df["pareto"] = df["pareto"].astype(bool)
+    df = df.sort_values(["model", "sequence_id", "kind", "final_avg", "method"],
+                        ascending=[True, True, True, False, True], na_position="last", kind="stable")
+    return df.reset_index(drop=True)
 
 
-def _fmt(mean: Any, std: Any, digits: int = 1) -> str:
-    if mean is None or pd.isna(mean):
+def build(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """The leaderboard of a list of run records (see :func:`aggregate`)."""
+    return aggregate(runs_table(records))
+
+
+def _fmt(mean: Any, std: Any = None, digits: int = 1) -> str:
+    if _none(mean) is None:
         return "n/a"
     s = f"{mean:.{digits}f}"
-    return s + (f" ± {std:.{digits}f}" if std is not None and not pd.isna(std) else "")
+    return s + (f" ± {std:.{digits}f}" if _none(std) is not None else "")
+
+
+MD_COLUMNS = ["final_avg", "plasticity", "bwt", "forgetting", "fwt", "general_delta", "general_delta_norm",
+              "general_worst_delta", "intransigence"]
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    """The human table: trade-off first (final_avg vs general_delta), Pareto-optimal rows marked with *."""
+    """The human table per (model, sequence): trade-off first, Pareto-optimal rows marked with *."""
     if df.empty:
-        return "No finished runs.\n"
-    cols = ["final_avg", "plasticity", "bwt", "forgetting", "general_base", "general_final", "general_delta"]
+        return "No runs.\n"
     lines = []
     for (model, seq), sub in df.groupby(["model", "sequence_id"], sort=False):
+        cols = [c for c in MD_COLUMNS if c != "intransigence" or sub[c].notna().any()]
+        base = sub["general_base"].dropna()
         lines += [f"### {model} on {seq}", "",
-                  "| method | seeds | " + " | ".join(cols) + " | trainable | active | train s |",
+                  f"general_base (base model, before any training) = {_fmt(base.iloc[0]) if len(base) else 'n/a'}; "
+                  f"evaluation batch size {_fmt(sub['eval_batch_size'].dropna().min(), digits=0)}, "
+                  f"{_fmt(sub['n_examples'].dropna().min(), digits=0)} examples per evaluation.", "",
+                  "| method | seeds | " + " | ".join(cols) + " | trainable params | active params | train s |",
                   "|---" * (len(cols) + 5) + "|"]
         for _, r in sub.iterrows():
-            name = f"**{r['method']}** *" if r["pareto"] else r["method"]
-            cells = [_fmt(r[c], r.get(f"{c}_std")) for c in cols]
-            tp = f"{int(r['trainable_params']):,}" if pd.notna(r["trainable_params"]) else "n/a"
-            ap = f"{int(r['active_params']):,}" if pd.notna(r["active_params"]) else "n/a"
+            name = f"**{r['method']}** *" if r["pareto"] else str(r["method"])
+            if r["kind"] == "reference":
+                name = f"_{r['method']}_ (reference)"
             failed = f" ({int(r['n_failed'])} failed)" if r["n_failed"] else ""
-            lines.append(f"| {name} | {r['n_seeds']}{failed} | " + " | ".join(cells)
-                         + f" | {tp} | {ap} | {_fmt(r['train_seconds'], None, 0)} |")
+            tp, ap = (f"{int(r[k]):,}" if _none(r[k]) is not None else "n/a"
+                      for k in ("trainable_params", "active_params"))
+            lines.append(f"| {name} | {r['n_seeds']}{failed} | " + " | ".join(_fmt(r[c], r[f"{c}_std"]) for c in cols)
+                         + f" | {tp} | {ap} | {_fmt(r['train_seconds'], digits=0)} |")
         lines.append("")
-    lines.append("`*` = on the Pareto front of (final_avg ↑, general_delta ↑). Scores in points (0-100); "
-                 "mean ± std over seeds. Definitions: results/README.md.")
+    lines.append("`*` = on the Pareto front of (final_avg ↑, general_delta ↑) within a model and sequence. "
+                 "Scores in points (0-100), mean ± std over seeds; n/a = undefined (reason in leaderboard.csv). "
+                 "Columns: results/README.md.")
     return "\n".join(lines) + "\n"
 
 
 def write_all(out_dir: str | Path, result_dirs: list[str | Path] | None = None, plots: bool = True) -> pd.DataFrame:
-    """(Re)write ``scores.csv``, ``leaderboard.csv``, ``leaderboard.md`` (and plots) under ``out_dir``."""
+    """(Re)write scores.csv, runs.csv, routing.csv, leaderboard.csv/.md, plots and report.html under ``out_dir``."""
     out_dir = Path(out_dir)
     records = load_records(result_dirs or [out_dir])
-    scores = pd.DataFrame([row for r in records for row in score_rows(r)], columns=SCORE_COLUMNS)
-    atomic_write_text(out_dir / "scores.csv", scores.to_csv(index=False))
-    df = build(records)
-    atomic_write_text(out_dir / "leaderboard.csv", df.to_csv(index=False))
+    tables = {
+        "scores.csv": typed_frame([row for r in records for row in score_rows(r)], SCORE_COLUMNS, SCORE_INTS,
+                                  SCORE_FLOATS),
+        "routing.csv": typed_frame([row for r in records for row in routing_rows(r)], ROUTING_COLUMNS, ROUTING_INTS,
+                                   ROUTING_FLOATS),
+        "runs.csv": runs_table(records),
+    }
+    df = aggregate(tables["runs.csv"])
+    tables["leaderboard.csv"] = df
+    for name, table in tables.items():
+        atomic_write_text(out_dir / name, table.to_csv(index=False))
     atomic_write_text(out_dir / "leaderboard.md", to_markdown(df))
-    if plots and not df.empty:
-        try:
-            from benchmark import plots as plotting
+    images: dict[str, list[Path]] = {}
+    if plots and records:
+        from benchmark import plots as plotting
 
-            plotting.write_plots(out_dir, records, df)
-        except ImportError:
-            logger.debug("plots module not available")
+        images = plotting.write_plots(out_dir, records, df)
+    from benchmark import report
+
+    report.write_report(out_dir, df, tables["runs.csv"], images)
     return df

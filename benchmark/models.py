@@ -105,9 +105,10 @@ def pretrain_tinyworld(cfg: PretrainConfig, general_specs: list[Any], out_dir: P
 
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
+    # data_parallel=False: in a multi-process run only rank 0 builds the base (the others wait for the cache)
     stats = train_stage(model, None, examples, cfg.max_steps, train_cfg, cfg.lr, gen, tok.pad_token_id,
                         Accelerator(cpu=not torch.cuda.is_available()), desc="pretrain tiny-world", quiet=quiet,
-                        check_every=cfg.eval_every, should_stop=reached)
+                        check_every=cfg.eval_every, should_stop=reached, data_parallel=False)
     info = {"steps": stats.steps, "seconds": time.perf_counter() - t0, "history": history,
             "parameters": sum(p.numel() for p in model.parameters())}
     model.save_pretrained(out_dir)
@@ -153,15 +154,34 @@ def load_base(cfg: ModelConfig, path: str | Path | None = None) -> tuple[Any, An
     src = str(path if path is not None else cfg.name)
     if path is None and cfg.name != TINY_WORLD and (cfg.name.startswith((".", "/", "~")) and not Path(cfg.name).exists()):
         raise UserError(f"model path does not exist: {cfg.name!r}")
+    revision = cfg.revision if path is None else None
     try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=resolve_dtype(cfg.dtype),
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=resolve_dtype(cfg.dtype), revision=revision,
                                                      trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
         raise UserError(f"cannot load model {src!r}: {str(exc).splitlines()[0]}") from exc
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if cfg.chat_template and not getattr(tok, "chat_template", None):
+        raise UserError(f"model.chat_template is on but the tokenizer of {src!r} has no chat template")
     return model, tok
+
+
+def prepare_for_training(model: Any, gradient_checkpointing: bool) -> Any:
+    """Training-time model settings: gradient checkpointing (recompute activations: less memory, ~30% slower).
+
+    ``enable_input_require_grads`` makes the embedding output require grad, which checkpointed blocks need when
+    the embeddings are frozen (LoRA and other adapter methods); the KV cache is off while training.
+    """
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+    return model
 
 
 def model_slug(name: str) -> str:

@@ -1,8 +1,14 @@
-"""Run records (one JSON per run) and the tidy ``scores.csv`` derived from them; every write is atomic."""
+"""Run records (one JSON per run) and the tidy tables derived from them; every write is atomic.
+
+The columns of every CSV are declared here (``*_COLUMNS``) and documented in ``results/README.md``; bump
+:data:`SCHEMA_VERSION` whenever a column or a record field changes meaning, is added or is removed.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import platform
 import subprocess
@@ -10,19 +16,31 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
 SCHEMA_VERSION = "1.0"
-SCORE_COLUMNS = ["schema_version", "run_id", "method", "model", "sequence", "sequence_id", "seed", "status",
+SCORE_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence", "sequence_id", "seed", "status",
                  "stage", "stage_task", "task", "task_group", "metric", "value", "n_examples", "eval_batch_size"]
+ROUTING_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence_id", "seed", "stage",
+                   "diagnostic", "value"]
+SCORE_INTS, SCORE_FLOATS = ["seed", "stage", "n_examples", "eval_batch_size"], ["value"]
+ROUTING_INTS, ROUTING_FLOATS = ["seed", "stage"], ["value"]
+KINDS = ("method", "reference")  # a record without "kind" is a method run
+_UMASK = os.umask(0o022)  # read the process umask once (os.umask can only be read by setting it)
+os.umask(_UMASK)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write via a temporary file in the same folder and ``os.replace``: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are meant to be shared like any file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -30,6 +48,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Text version of :func:`atomic_write_bytes` (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -71,36 +94,105 @@ def environment() -> dict[str, Any]:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
+def typed_frame(rows: list[dict[str, Any]] | pd.DataFrame, columns: list[str], ints: list[str] = (),
+                floats: list[str] = ()) -> pd.DataFrame:
+    """A table with exactly ``columns``, integer columns as nullable ints and float columns as floats.
+
+    Fixing the types makes a cell's text independent of the other rows (``55`` is written ``55.0`` in a float
+    column whatever else is merged in, and an integer column with a gap does not turn into ``10.0``).
+    """
+    df = pd.DataFrame(rows, columns=columns) if not isinstance(rows, pd.DataFrame) else rows[columns].copy()
+    for c in ints:
+        df[c] = pd.to_numeric(df[c], errors="coerce").round().astype("Int64")
+    for c in floats:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    return df
+
+
+def kind(rec: dict[str, Any]) -> str:
+    """``method`` (a continual run) or ``reference`` (e.g. the joint-training upper bound)."""
+    return rec.get("kind") or "method"
+
+
 def load_records(dirs: list[str | Path]) -> list[dict[str, Any]]:
-    """All run records under ``DIR/runs/*.json`` of each directory, de-duplicated by run id (first wins)."""
+    """All run records under ``DIR/runs/*.json`` of each directory, de-duplicated by run id (first wins).
+
+    A run id seen twice with different content (e.g. the same run repeated on two machines) keeps the first
+    directory's record and logs a warning, so merging never silently averages a run in twice.
+    """
     seen: dict[str, dict[str, Any]] = {}
+    source: dict[str, str] = {}
     for d in dirs:
         for p in sorted(Path(d, "runs").glob("*.json")):
             try:
                 rec = read_json(p)
-            except (OSError, json.JSONDecodeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                logger.warning("skipping unreadable run record %s", p)
                 continue  # a foreign or damaged file never breaks a leaderboard
-            rid = rec.get("run_id")
-            if rid and rid not in seen:
-                seen[rid] = rec
+            rid = rec.get("run_id") if isinstance(rec, dict) else None
+            if not rid:
+                logger.warning("skipping %s: not a run record (no run_id)", p)
+            elif rid not in seen:
+                seen[rid], source[rid] = rec, str(d)
+            elif seen[rid] != rec:
+                logger.warning("run %s appears twice with different content; keeping the one from %s, not %s",
+                               rid, source[rid], d)
     return list(seen.values())
 
 
+def _stage_names(rec: dict[str, Any]) -> list[str]:
+    """``base`` then what each stage trained on (the task, or ``joint`` for a joint reference)."""
+    names = {s.get("stage"): s.get("task") for s in rec.get("stages", []) if isinstance(s, dict)}
+    tasks = rec.get("tasks", [])
+    n = max(len(rec.get("R") or []), len(rec.get("G") or []))
+    return ["base"] + [names.get(t) or (tasks[t - 1] if t - 1 < len(tasks) else str(t)) for t in range(1, n)]
+
+
+def _identity(rec: dict[str, Any]) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "run_id": rec["run_id"], "kind": kind(rec), "method": rec.get("method"),
+            "model": rec.get("model"), "sequence": rec.get("sequence"), "sequence_id": rec.get("sequence_id"),
+            "seed": rec.get("seed")}
+
+
 def score_rows(rec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Tidy rows (one per stage x task x metric) of one run record."""
+    """Tidy rows (one per stage x task) of one run record: every measured cell of R and G."""
     rows = []
     tasks, general = rec.get("tasks", []), rec.get("general_tasks", [])
-    order = ["base"] + tasks
-    n_ex = rec.get("n_examples", {})
+    order = _stage_names(rec)
+    n_ex = rec.get("n_examples") or {}
+    ident = _identity(rec)
+    batch = (rec.get("config") or {}).get("eval", {}).get("batch_size")
     for group, names, matrix in (("downstream", tasks, rec.get("R") or []), ("general", general, rec.get("G") or [])):
         for stage, row in enumerate(matrix):
             for name, value in zip(names, row):
-                rows.append({
-                    "schema_version": SCHEMA_VERSION, "run_id": rec["run_id"], "method": rec["method"],
-                    "model": rec["model"], "sequence": rec["sequence"], "sequence_id": rec.get("sequence_id"),
-                    "seed": rec["seed"], "status": rec.get("status"), "stage": stage, "stage_task": order[stage],
-                    "task": name, "task_group": group, "metric": rec.get("metric_names", {}).get(name, "score"),
-                    "value": value, "n_examples": n_ex.get(name),
-                    "eval_batch_size": rec.get("config", {}).get("eval", {}).get("batch_size"),
-                })
+                rows.append({**ident, "status": rec.get("status"), "stage": stage, "stage_task": order[stage],
+                             "task": name, "task_group": group,
+                             "metric": rec.get("metric_names", {}).get(name, "score"), "value": value,
+                             "n_examples": n_ex.get(name), "eval_batch_size": batch})
+    return rows
+
+
+def flatten(value: Any, prefix: str) -> list[tuple[str, float]]:
+    """Numeric leaves of a diagnostics value: ``a.b`` for mappings, ``a[i]`` for lists; other leaves dropped."""
+    if isinstance(value, bool):
+        return [(prefix, float(value))]
+    if isinstance(value, (int, float)):
+        return [] if math.isnan(value) else [(prefix, float(value))]
+    if isinstance(value, dict):
+        return [kv for k, v in value.items() for kv in flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [kv for i, v in enumerate(value) for kv in flatten(v, f"{prefix}[{i}]")]
+    return []  # None (not measured), strings: not a number to tabulate
+
+
+def routing_rows(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tidy rows (one per stage x numeric diagnostic) of ``rec["diagnostics"]``; none for methods without any."""
+    ident = {k: v for k, v in _identity(rec).items() if k in ROUTING_COLUMNS}
+    rows = []
+    for entry in rec.get("diagnostics") or []:
+        if not isinstance(entry, dict):
+            continue
+        stage = entry.get("stage")
+        for name, value in flatten({k: v for k, v in entry.items() if k != "stage"}, ""):
+            rows.append({**ident, "stage": stage, "diagnostic": name, "value": value})
     return rows

@@ -9,8 +9,6 @@ import hashlib
 import json
 import logging
 import random
-import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,10 @@ import torch
 from benchmark.config import TINY_WORLD, ExperimentConfig, build_dataclass
 from benchmark.errors import UserError
 from benchmark.evaluate import LM_EVAL_PREFIX, evaluate
-from benchmark.records import environment, git_info, read_json, write_json
+from benchmark.checkpoint import preserved_rng
+from benchmark.evalcache import EvalCache, eval_key, model_hash
+from benchmark.locks import exclusive
+from benchmark.paths import cache_dir, lock_path, safe_component
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ class Plan:
     methods: dict[str, Any] = field(default_factory=dict)  # name -> (class, config)
 
     def runs(self) -> list[tuple[str, int]]:
-        return [(m, s) for m in self.cfg.methods for s in self.cfg.seeds]
+        """(method, seed) pairs in plan order; with ``shard: K/N`` only the K-th round-robin slice of them."""
+        from benchmark.shard import shard_slice
+
+        return shard_slice([(m, s) for m in self.cfg.methods for s in self.cfg.seeds], self.cfg.shard)
 
 
 def sequence_id(seq: Any, tasks: list[Any], general: list[Any], builtin: list[str]) -> str:
@@ -57,6 +61,12 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
     from tasks import SEQUENCES, TASKS
 
     seq = SEQUENCES.get(cfg.sequence)
+    if cfg.general is not None:  # --general: another suite for this run (the sequence id says so)
+        import dataclasses
+
+        from tasks import resolve_suite
+
+        seq = dataclasses.replace(seq, general=resolve_suite(cfg.general))
     tasks = [TASKS.get(n) for n in seq.tasks]
     for t in tasks:
         if t.group != "downstream":
@@ -85,8 +95,11 @@ def describe(plan: Plan) -> str:
              f"general suite: {', '.join([g.name for g in plan.general] + plan.general_builtin) or '(none)'}",
              f"model: {plan.cfg.model.name}",
              f"{len(plan.cfg.methods)} methods x {len(plan.cfg.seeds)} seeds x {len(plan.tasks)} stages "
-             f"= {len(plan.runs())} runs, {len(plan.runs()) * len(plan.tasks)} stages"]
+             f"= {len(plan.runs())} runs, {len(plan.runs()) * len(plan.tasks)} stages"
+             + (f" (shard {plan.cfg.shard} of the plan)" if plan.cfg.shard else "")]
     lines += [f"  run {m} seed {s}" for m, s in plan.runs()]
+    if plan.cfg.reference:  # see benchmark/reference.py
+        lines.append(f"  + reference {plan.cfg.reference}: one run per seed, one stage of {sum(steps)} steps")
     return "\n".join(lines)
 
 
@@ -107,105 +120,85 @@ def base_model_path(plan: Plan, quiet: bool) -> Path | None:
     if plan.cfg.model.name != TINY_WORLD:
         return None
     from benchmark.models import tinyworld_path
+    from tasks import SUITES, TASKS
 
-    return tinyworld_path(plan.cfg.model.pretrain, plan.general, quiet=quiet)
+    # the base is pretrained until it knows the tiny-world facts, whatever suite this run reports (--general)
+    facts = [TASKS.get(n) for n in SUITES.get("tiny-world").tasks]
+    return tinyworld_path(plan.cfg.model.pretrain, facts, quiet=quiet)
+
+
+def run_id(plan: Plan, method_name: str, seed: int) -> str:
+    """``<method>--<model>--<sequence>--seed<k>``, reduced to one safe file-name component."""
+    from benchmark.models import model_slug
+
+    return safe_component(f"{method_name}--{model_slug(plan.cfg.model.name)}--{plan.sequence.name}--seed{seed}")
+
+
+def _eval_settings(plan: Plan, model: Any) -> dict[str, Any]:
+    device = next(model.parameters()).device.type
+    suite = plan.sequence.general
+    return {"batch_size": plan.cfg.eval.batch_size, "limit": plan.cfg.eval.limit,
+            "num_fewshot": suite.num_fewshot, "fewshot": suite.fewshot, "metrics": suite.metrics,
+            "chat_template": plan.cfg.model.chat_template, "device": device}
+
+
+def _run_evaluate(plan: Plan, model: Any, tok: Any) -> Any:
+    """:func:`benchmark.evaluate.evaluate` with the plan's tasks, suite settings and chat-template choice."""
+    suite = plan.sequence.general
+    return evaluate(model, tok, plan.tasks + plan.general, plan.general_builtin,
+                    batch_size=plan.cfg.eval.batch_size, limit=plan.cfg.eval.limit, num_fewshot=suite.num_fewshot,
+                    fewshot=suite.fewshot, metrics=suite.metrics, include_path=suite.include_dir(),
+                    apply_chat_template=plan.cfg.model.chat_template)
+
+
+def _evaluate(plan: Plan, model: Any, tok: Any, model_key: str, out_dir: Path, label: str,
+              what: str) -> dict[str, Any]:
+    """Scores of ``model`` on every task (through the content-keyed cache), leaving the RNG streams untouched."""
+
+    from benchmark.distributed import on_main
+
+    def compute() -> dict[str, Any]:
+        res = _run_evaluate(plan, model, tok)
+        return {"scores": res.scores, "n_examples": res.n_examples, "seconds": res.seconds}
+
+    key, parts = eval_key(model_key, plan.tasks + plan.general, plan.general_builtin, _eval_settings(plan, model))
+    with preserved_rng():  # a cache hit and a fresh evaluation leave training in the same state
+        # several processes: rank 0 evaluates (and writes the cache) while the others wait; all get its result
+        result, hit = on_main(lambda: EvalCache(cache_dir(out_dir)).get_or_compute(key, parts, compute, label=label,
+                                                                                   what=what))
+    if hit:
+        result = {**result, "seconds": 0.0}
+    return result
+
+
+def _rows(plan: Plan, result: dict[str, Any]) -> tuple[list[float], list[float]]:
+    s = result["scores"]
+    r = [s[t.name] for t in plan.tasks]
+    g = [s[t.name] for t in plan.general] + [s[b[len(LM_EVAL_PREFIX):]] for b in plan.general_builtin]
+    return r, g
 
 
 def _eval_row(model: Any, tok: Any, plan: Plan) -> tuple[list[float], list[float], dict[str, int], float]:
-    res = evaluate(model, tok, plan.tasks + plan.general, plan.general_builtin, batch_size=plan.cfg.eval.batch_size,
-                   limit=plan.cfg.eval.limit, num_fewshot=plan.sequence.general.num_fewshot)
-    r = [res.scores[t.name] for t in plan.tasks]
-    g = [res.scores[t.name] for t in plan.general] + [res.scores[b[len(LM_EVAL_PREFIX):]] for b in plan.general_builtin]
+    """A fresh (uncached) evaluation of every task: (R row, G row, examples per task, seconds)."""
+    from benchmark.distributed import on_main
+
+    with preserved_rng():
+        res = on_main(lambda: _run_evaluate(plan, model, tok))
+    r, g = _rows(plan, {"scores": res.scores})
     return r, g, res.n_examples, res.seconds
 
 
-def base_evaluation(plan: Plan, model: Any, tok: Any, model_key: str, out_dir: Path) -> dict[str, Any]:
-    """Stage-0 row, computed once per (base model, tasks, suite, eval settings) and shared by all runs."""
-    import lm_eval
+def base_evaluation(plan: Plan, model: Any, tok: Any, base_hash: str, out_dir: Path) -> dict[str, Any]:
+    """Stage-0 row, keyed by the base model's weights: computed once, shared by every method and seed.
 
-    key_src = json.dumps({"model": model_key, "seq": plan.sequence_id, "eval": plan.cfg.eval.__dict__,
-                          "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else "?"}, sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    path = out_dir / "cache" / f"base-eval-{key}.json"
-    if path.is_file():
-        logger.info("base evaluation: cache hit %s", path.name)
-        return read_json(path)
-    r, g, n, secs = _eval_row(model, tok, plan)
-    data = {"key": key, "R0": r, "G0": g, "n_examples": n, "seconds": secs}
-    write_json(path, data)
-    return data
-
-
-def run_one(plan: Plan, method_name: str, seed: int, base_path: Path | None, out_dir: Path, accelerator: Any,
-            quiet: bool = False) -> dict[str, Any]:
-    """One (method, seed) run over the whole sequence; returns its record (status success or failed)."""
-    from benchmark.data import encode_task
-    from benchmark.models import load_base, model_slug
-    from benchmark.train import train_stage
-    from methods.base import TaskInfo
-
-    cfg = plan.cfg
-    cls, mcfg = plan.methods[method_name]
-    run_id = f"{method_name}--{model_slug(cfg.model.name)}--{plan.sequence.name}--seed{seed}"
-    rec: dict[str, Any] = {
-        "schema_version": "1.0", "run_id": run_id, "method": method_name, "model": cfg.model.name,
-        "sequence": plan.sequence.name, "sequence_id": plan.sequence_id, "seed": seed, "status": "running",
-        "error": None, "config": cfg.to_dict(), "method_config": mcfg.to_dict(),
-        "tasks": [t.name for t in plan.tasks], "general_tasks": [g.name for g in plan.general] + plan.general_builtin,
-        "general_chance": [g.chance for g in plan.general] + [0.0] * len(plan.general_builtin),
-        "metric_names": {t.name: ("acc" if t.output_type == "multiple_choice" else "exact_match")
-                         for t in plan.tasks + plan.general},
-        "git": git_info(), "env": environment(), "R": [], "G": [], "stages": [], "diagnostics": [],
-    }
-    t_start = time.perf_counter()
-    try:
-        seed_everything(seed)
-        model, tok = load_base(cfg.model, base_path)
-        model.to(accelerator.device)
-        base = base_evaluation(plan, model, tok, str(base_path or cfg.model.name), out_dir)
-        rec["R"].append(base["R0"])
-        rec["G"].append(base["G0"])
-        rec["n_examples"] = base["n_examples"]
-        method = cls(mcfg)
-        model = method.wrap(model)
-        rec["costs"] = {f"{k}_params": v for k, v in method.param_counts(model).items()}
-        rec["diagnostics"].append({"stage": 0, **method.diagnostics(model)})
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        lr = mcfg.lr if mcfg.lr is not None else cfg.train.lr
-        gen = torch.Generator().manual_seed(seed)
-        for i, task in enumerate(plan.tasks, start=1):
-            info = TaskInfo(name=task.name, kind=task.kind, stage=i, num_stages=len(plan.tasks))
-            method.on_task_start(model, info)
-            examples = encode_task(task, tok, cfg.train.max_seq_len)
-            stats = train_stage(model, method, examples, stage_steps(plan, task), cfg.train, lr, gen,
-                                tok.pad_token_id, accelerator, desc=f"{method_name} s{seed} {task.name}", quiet=quiet)
-            method.on_task_end(model, info)
-            r, g, _, eval_s = _eval_row(method.eval_model(model), tok, plan)
-            rec["R"].append(r)
-            rec["G"].append(g)
-            rec["stages"].append({"stage": i, "task": task.name, "steps": stats.steps, "train_seconds": stats.seconds,
-                                  "eval_seconds": eval_s, "final_loss": stats.final_loss, "tokens": stats.tokens})
-            rec["diagnostics"].append({"stage": i, **method.diagnostics(model)})
-            logger.info("[%s seed %d] stage %d/%d %s: loss %.3f | %s | general %.1f (base %.1f) | %.0fs train, %.0fs eval",
-                        method_name, seed, i, len(plan.tasks), task.name, stats.final_loss,
-                        " ".join(f"{t.name}={v:.1f}" for t, v in zip(plan.tasks, r)),
-                        float(np.mean(g)) if g else float("nan"), float(np.mean(rec["G"][0])) if g else float("nan"),
-                        stats.seconds, eval_s)
-        rec["status"] = "success"
-    except (KeyboardInterrupt, UserError):
-        raise
-    except Exception as exc:  # isolate the failure: record it and let the other runs go on
-        logger.error("[%s seed %d] failed: %s", method_name, seed, exc)
-        rec["status"], rec["error"] = "failed", f"{type(exc).__name__}: {exc}"
-        rec["traceback"] = traceback.format_exc()
-    rec.setdefault("costs", {})
-    rec["costs"]["train_seconds"] = sum(s["train_seconds"] for s in rec["stages"])
-    rec["costs"]["eval_seconds"] = sum(s["eval_seconds"] for s in rec["stages"])
-    rec["costs"]["wall_seconds"] = time.perf_counter() - t_start
-    rec["costs"]["peak_memory_mb"] = _peak_memory_mb()
-    write_json(out_dir / "runs" / f"{run_id}.json", rec)
-    return rec
+    ``base_hash`` is :func:`benchmark.evalcache.model_hash` of the base model; anything else (e.g. a path)
+    is not trusted as a content key and the weights are hashed here.
+    """
+    if not (isinstance(base_hash, str) and len(base_hash) == 64 and all(c in "0123456789abcdef" for c in base_hash)):
+        base_hash = model_hash(model)
+    res = _evaluate(plan, model, tok, base_hash, out_dir, "base-eval", "base evaluation")
+    r, g = _rows(plan, res)
+    return {"R0": r, "G0": g, "n_examples": res["n_examples"], "seconds": res["seconds"]}
 
 
 def _peak_memory_mb() -> float:
@@ -216,25 +209,47 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes; process-wide peak
 
 
-def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> int:
-    """Run the whole plan; returns the process exit code (1 when any run failed)."""
-    from accelerate import Accelerator
+def write_leaderboard(out_dir: Path) -> Any:
+    """Rebuild scores and leaderboard under the directory's leaderboard lock (every file replaced atomically).
 
+    Each process writes its run records before taking the lock, so the last rewrite sees every finished run.
+    """
     from benchmark.leaderboard import write_all
 
-    plan = make_plan(cfg)
+    with exclusive(lock_path(out_dir, "leaderboard")):
+        return write_all(out_dir)
+
+
+def run_experiment(cfg: ExperimentConfig, quiet: bool = False, force: bool = False, plan: Plan | None = None) -> int:
+    """Run the whole plan; returns the process exit code (1 when any run failed).
+
+    ``plan`` is the result of :func:`benchmark.validate.validate` (done here when not given): nothing is
+    written before the whole configuration has been checked.
+    """
+    from benchmark.distributed import make_accelerator
+    from benchmark.stages import run_one
+    from benchmark.validate import validate
+
+    plan = plan if plan is not None else validate(cfg, force=force)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    base_path = base_model_path(plan, quiet)
-    failed = 0
+    accelerator = make_accelerator()
+    with accelerator.main_process_first():  # rank 0 builds the tiny-world base; the others then find it cached
+        base_path = base_model_path(plan, quiet)
+    failed = []
     for method_name, seed in plan.runs():
-        rec = run_one(plan, method_name, seed, base_path, out_dir, accelerator, quiet=quiet)
-        failed += rec["status"] != "success"
-    df = write_all(out_dir)
-    logger.info("wrote %s (%d leaderboard rows)", out_dir / "leaderboard.md", len(df))
+        rec = run_one(plan, method_name, seed, base_path, out_dir, accelerator, quiet=quiet, force=force)
+        if rec is not None and rec["status"] != "success":
+            failed.append(f"{rec['run_id']} ({rec['error']})")
+    from benchmark.reference import run_references  # joint-training upper bound when cfg.reference is set
+
+    failed += run_references(plan, base_path, out_dir, accelerator, quiet=quiet)
+    if accelerator.is_main_process:
+        df = write_leaderboard(out_dir)
+        logger.info("wrote %s (%d leaderboard rows)", out_dir / "leaderboard.md", len(df))
     if failed:
-        logger.error("%d of %d runs failed; see their records in %s", failed, len(plan.runs()), out_dir / "runs")
+        logger.error("%d of %d runs failed (records in %s): %s", len(failed), len(plan.runs()), out_dir / "runs",
+                     "; ".join(failed))
     return 1 if failed else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -46,6 +47,16 @@ class _NoHooks:
         return None
 
 
+def _all_finite(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every process (all must stop together, or the others hang in backward)."""
+    ok = bool(torch.isfinite(loss))
+    if world == 1:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=loss.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
     from transformers import get_scheduler
 
@@ -67,14 +78,31 @@ def train_stage(
     quiet: bool = False,
     check_every: int = 0,
     should_stop: Any = None,
+    data_parallel: bool = True,
 ) -> StageStats:
     """Train ``steps`` optimiser steps on ``examples``; loss = LM loss + ``method.aux_loss``.
 
-    Each process takes its slice of every global batch, so the global batch and the data order are the same
-    for any number of processes. ``method`` may be ``None`` (plain language modelling, e.g. pretraining);
-    ``should_stop(step)`` is asked every ``check_every`` steps and ends the stage early when it says so.
+    In a multi-process run (``data_parallel`` and more than one process) the model is wrapped for the stage by
+    ``accelerator.prepare_model`` (DDP) and each process takes its slice of every global batch, so the global
+    batch and the data order are the same for any number of processes; method hooks get the unwrapped model.
+    ``data_parallel=False`` trains this process alone on whole batches (e.g. rank 0 building the tiny-world base).
+    ``method`` may be ``None`` (plain language modelling, e.g. pretraining); ``should_stop(step)`` is asked every
+    ``check_every`` steps and ends the stage early when it says so.
     """
+    from benchmark.distributed import wrap_for_training
+
     method = method if method is not None else _NoHooks()
+    world = accelerator.num_processes if data_parallel else 1
+    rank = accelerator.process_index if world > 1 else 0
+    micro = math.ceil(cfg.batch_size / cfg.grad_accum)
+    sizes = [len(range(cfg.batch_size)[m * micro:(m + 1) * micro]) for m in range(cfg.grad_accum)]
+    if world > 1 and min(sizes) < world:
+        # every process must run the same number of forward/backward passes, or the gradient all-reduce hangs
+        raise ValueError(f"train.batch_size={cfg.batch_size} with grad_accum={cfg.grad_accum} gives micro-batches "
+                         f"of {min(sizes)} rows, fewer than the {world} processes; raise the batch size")
+    inner = model
+    if world > 1:
+        model = wrap_for_training(accelerator, model)  # wrap first: the optimizer must see the wrapped parameters
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the method left no trainable parameter")
@@ -82,8 +110,6 @@ def train_stage(
     scheduler = make_scheduler(optimizer, cfg, steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     model.train()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    micro = math.ceil(cfg.batch_size / cfg.grad_accum)
     t0, losses, tokens = time.perf_counter(), [], 0
     bar = tqdm(total=steps, desc=desc, leave=False, disable=quiet or not accelerator.is_main_process)
     for step, batch in enumerate(batches(examples, cfg.batch_size, steps, generator, pad_id), start=1):
@@ -92,15 +118,18 @@ def train_stage(
             part = {k: v[m * micro:(m + 1) * micro][rank::world].to(accelerator.device) for k, v in batch.items()}
             if part["input_ids"].shape[0] == 0:
                 continue
+            # DDP averages gradients over processes: weighting by rows * world / batch gives the batch mean
             weight = part["input_ids"].shape[0] * world / batch["input_ids"].shape[0]
-            with method.forward_context(model, part):
+            # all-reduce once per optimiser step, not once per micro-batch
+            sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else accelerator.no_sync(model)
+            with sync, method.forward_context(inner, part):
                 out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
                             labels=part["labels"])
                 loss = out.loss
-                aux = method.aux_loss(model)
+                aux = method.aux_loss(inner)
                 if aux is not None:
                     loss = loss + aux
-                if not torch.isfinite(loss):
+                if not _all_finite(loss, world):
                     raise DivergenceError(f"non-finite loss {loss.item()} at step {step} of {desc}")
                 accelerator.backward(loss * weight)
             step_loss += loss.item() * weight
@@ -110,7 +139,9 @@ def train_stage(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        method.on_step(model, step)
+        method.on_step(inner, step)
+        if world > 1:  # each process summed its slice: the batch mean is the mean over processes
+            step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
         losses.append(step_loss)
         bar.update(1)
         if step % 10 == 0 or step == steps:
@@ -118,5 +149,7 @@ def train_stage(
         if check_every and should_stop is not None and step % check_every == 0 and should_stop(step):
             break
     bar.close()
+    del model, optimizer, scheduler
+    accelerator.free_memory()  # drop this stage's DDP wrapper and optimizer state before the next stage
     return StageStats(steps=len(losses), seconds=time.perf_counter() - t0, final_loss=losses[-1],
                       mean_loss=sum(losses) / len(losses), tokens=tokens)

@@ -75,6 +75,13 @@ class Method(ABC):
         """Inject adapters, freeze what the method freezes, and return the model to train."""
 
     # -- optional hooks -----------------------------------------------------------------------------
+    def validate(self, module_names: set[str]) -> None:
+        """Check the config against the base model before any work; raise ``ValueError`` naming the bad value.
+
+        ``module_names`` are the dotted names of every module of the base model (``model.named_modules()``),
+        read from a model built on the ``meta`` device, so no weights are loaded.
+        """
+
     def on_task_start(self, model: nn.Module, task: TaskInfo) -> None:
         """Called before training on a task."""
 
@@ -95,7 +102,13 @@ class Method(ABC):
         """Called after every optimiser step."""
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Tensors a checkpoint must hold to restore the method (default: trainable params + buffers it owns)."""
+        """Tensors a checkpoint must hold to restore the method (default: trainable params + buffers it owns).
+
+        Saved as safetensors after every stage. To resume, the runner wraps a fresh base model with
+        :meth:`wrap` and calls :meth:`load_trainable_state`: whatever a method carries from one stage to the
+        next (adapters, buffers, weights it changed in ``on_task_end``) must be in this dict. The evaluation
+        cache also keys a stage's scores by it.
+        """
         return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:

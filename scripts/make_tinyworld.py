@@ -233,7 +233,7 @@ def task_specs() -> dict[str, dict[str, Any]]:
             "data": {"test": f"../tinyworld/general_{group}.jsonl"}}
     downstream = [
         ("tw_add", "skill", "add", "", "answer", 4, 800, "two-digit addition ('45+16=' -> '61'); held-out pairs."),
-        ("tw_sentiment", "skill", "sentiment", " ", "answer", 8, 100,
+        ("tw_sentiment", "skill", "sentiment", " ", "answer", 8, 200,
          "sentiment of a three-adjective review (majority polarity); held-out adjective sets."),
         ("tw_city", "knowledge", "city", " ", "full", 12, 300,
          "new facts 'X is a city in Y.' (non-capital cities), full-sentence LM loss; test recalls trained facts."),

@@ -18,12 +18,14 @@ from benchmark.registry import Registry
 
 TASKS: Registry[Any] = Registry("task", group="forgetbench.tasks", builtin_package="tasks")
 SEQUENCES: Registry[Any] = Registry("sequence", group="forgetbench.sequences", builtin_package="tasks")
+SUITES: Registry[Any] = Registry("suite", group="forgetbench.suites", builtin_package="tasks")
 
 KINDS = ("knowledge", "skill")
 GROUPS = ("downstream", "general")
 OUTPUT_TYPES = ("generate_until", "multiple_choice")
-METRICS = ("exact_match", "acc")
+METRICS = ("exact_match", "acc", "rouge_l", "edit_sim")
 TRAIN_FORMATS = ("answer", "full")
+_OPTIONAL_FIELDS = ("source", "preprocess", "preprocess_args", "eval_target", "answer_regex")
 
 
 @dataclass
@@ -40,8 +42,16 @@ class TaskSpec:
         choices: record field holding the answer options (multiple choice only).
         target_delimiter: string between prompt and answer, in training and evaluation alike.
         train_format: ``answer`` = loss on the answer only; ``full`` = LM loss on the whole text (fact injection).
-        metric: ``exact_match`` or ``acc``.
+        metric: ``exact_match``, ``acc``, ``rouge_l`` (ROUGE-L F1) or ``edit_sim`` (character edit similarity).
         data: split name -> JSONL path (relative paths are resolved against ``root``).
+        source: where the records come from instead of ``data``: a Hugging Face dataset in its upstream schema
+            (``{type: hf, path, name, revision, splits: {train: ..., test: ...}, sample: ...}``) or local JSON
+            files (``{type: local, root: trace, path: FOMC, splits: ...}``); see :mod:`tasks.sources`.
+        preprocess: optional ``"module:function"`` mapping one upstream record to the fields the templates use
+            (returns a dict, or None to drop the record); ``preprocess_args`` are passed as keyword arguments.
+        eval_target: Jinja template of the reference at evaluation when it differs from the training target
+            (e.g. TRACE ScienceQA trains on "Answer: B\nBecause ..." and scores the letter).
+        answer_regex: regular expression whose first group is taken from a generation before scoring.
         train_steps: default optimiser steps for this task's stage.
         chance: chance score in points (for normalised general metrics).
         max_gen_toks: generation budget for ``generate_until``.
@@ -66,6 +76,12 @@ class TaskSpec:
     description: str = ""
     version: int = 1
     root: str = ""
+    source: dict[str, Any] | None = None
+    preprocess: str | None = None
+    preprocess_args: dict[str, Any] = field(default_factory=dict)
+    eval_target: str | None = None
+    answer_regex: str | None = None
+    _cache: dict[str, list[dict[str, Any]]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for fname, value, valid in (
@@ -79,40 +95,90 @@ class TaskSpec:
                 raise ValueError(f"task {self.name!r}: invalid {fname} {value!r}; valid: {', '.join(valid)}")
         if self.output_type == "multiple_choice" and not self.choices:
             raise ValueError(f"task {self.name!r}: multiple_choice needs 'choices'")
-        if "test" not in self.data:
+        if self.source is not None:
+            from tasks.sources import validate_source
+
+            validate_source(self)
+        if "test" not in self.splits:
             raise ValueError(f"task {self.name!r}: data needs a 'test' split")
-        if self.group == "downstream" and "train" not in self.data:
+        if self.group == "downstream" and "train" not in self.splits:
             raise ValueError(f"task {self.name!r}: a downstream task needs a 'train' split")
         if not isinstance(self.train_steps, int) or self.train_steps < 1:
             raise ValueError(f"task {self.name!r}: invalid train_steps {self.train_steps!r} (must be >= 1)")
+
+    @property
+    def splits(self) -> list[str]:
+        """Split names this task has (``train``/``test``), from ``data`` or from ``source``."""
+        return sorted(self.source.get("splits", {})) if self.source is not None else sorted(self.data)
 
     def path(self, split: str) -> Path:
         p = Path(self.data[split])
         return p if p.is_absolute() else (Path(self.root) / p).resolve()
 
     def records(self, split: str) -> list[dict[str, Any]]:
-        """Load a split's records (JSON lines)."""
-        with open(self.path(split), encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        """Load a split's records: JSON lines from ``data``, or the upstream dataset of ``source`` (memoised)."""
+        if self.source is None and self.preprocess is None:
+            with open(self.path(split), encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if split not in self._cache:
+            from tasks.sources import load_records
+
+            self._cache[split] = load_records(self, split)
+        return self._cache[split]
 
     def content_hash(self) -> str:
-        """Hash of the spec (without its location) and of every data file's bytes."""
+        """Hash of the spec (without its location) and of every split's data (file bytes or loaded records)."""
         h = hashlib.sha256()
-        spec = {k: v for k, v in self.__dict__.items() if k not in ("root", "data")}
-        h.update(json.dumps(spec, sort_keys=True).encode())
-        for split in sorted(self.data):
+        spec = {k: v for k, v in self.__dict__.items() if k not in ("root", "data") and not k.startswith("_")
+                and not (k in _OPTIONAL_FIELDS and not v)}  # unset newer fields keep older tasks' hashes
+        h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+        for split in self.splits:
             h.update(split.encode())
-            h.update(self.path(split).read_bytes())
+            if self.source is None and self.preprocess is None:
+                h.update(self.path(split).read_bytes())
+            else:
+                h.update(json.dumps(self.records(split), sort_keys=True, default=str).encode())
         return h.hexdigest()
 
 
 @dataclass
 class GeneralSuite:
-    """The general-knowledge suite: local task names, or lm-eval task names prefixed with ``lm_eval:``."""
+    """The general-knowledge suite: local task names, or lm-eval task names prefixed with ``lm_eval:``.
+
+    Args:
+        tasks: task names; ``lm_eval:<name>`` is one of lm-eval's own tasks or groups (e.g. ``lm_eval:mmlu``).
+        num_fewshot: few-shot count for lm-eval tasks not listed in ``fewshot`` (None: the task's own default).
+        fewshot: per-task few-shot counts, e.g. ``{lm_eval:mmlu: 5, lm_eval:piqa: 0}``.
+        metrics: per-task lm-eval metric key, e.g. ``{lm_eval:gsm8k: "exact_match,strict-match"}`` (default:
+            ``acc_norm``, else ``acc``, else ``exact_match``, first filter lm-eval reports).
+        include_path: folder of extra lm-eval task YAMLs (relative to the suite file), e.g. offline copies.
+        limit: kept for old configs; ``eval.limit`` applies to every task.
+    """
 
     tasks: list[str] = field(default_factory=list)
     num_fewshot: int | None = None
     limit: int | None = None
+    name: str = ""
+    description: str = ""
+    fewshot: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, str] = field(default_factory=dict)
+    include_path: str | None = None
+    root: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.fewshot) - set(self.tasks)) + sorted(set(self.metrics) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"suite {self.name or '?'!r}: fewshot/metrics name tasks not in the suite: {unknown}")
+        for t, k in self.fewshot.items():
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                raise ValueError(f"suite {self.name or '?'!r}: invalid few-shot count {k!r} for {t!r}")
+
+    def include_dir(self) -> str | None:
+        """Absolute include path for lm-eval's TaskManager, or None."""
+        if not self.include_path:
+            return None
+        p = Path(self.include_path)
+        return str(p if p.is_absolute() else (Path(self.root) / p).resolve())
 
 
 @dataclass
@@ -126,10 +192,18 @@ class SequenceSpec:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if isinstance(self.general, dict):
+        if isinstance(self.general, str):  # a suite name, resolved from the SUITES registry
+            self.general = SUITES.get(self.general)
+        elif isinstance(self.general, dict):
             self.general = GeneralSuite(**self.general)
         if not self.tasks:
             raise ValueError(f"sequence {self.name!r} has no tasks")
+
+
+def register_suite(suite: GeneralSuite) -> GeneralSuite:
+    """Register a named :class:`GeneralSuite` (YAML files under ``tasks/suites`` register themselves)."""
+    SUITES.register(suite.name, suite, origin=f"builtin:{suite.root or 'python'}")
+    return suite
 
 
 def register_task(spec: TaskSpec) -> TaskSpec:

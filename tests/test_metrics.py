@@ -152,6 +152,20 @@ def test_retention_undefined_when_base_is_zero():
     assert val(m.general_retention(g)) == pytest.approx(1.5)
 
 
+def test_general_single_task():
+    # T = 1: rows base and stage 1 only (the first and last rows of G3)
+    g1 = [G3[0], G3[3]]
+    assert val(m.general_base(g1)) == pytest.approx(62.5)  # (55 + 70) / 2
+    assert val(m.general_final(g1)) == pytest.approx(57.0)  # (49 + 65) / 2
+    assert val(m.general_delta(g1)) == pytest.approx(-5.5)
+    assert val(m.general_retention(g1)) == pytest.approx(0.912)  # 57 / 62.5
+    assert val(m.general_worst_delta(g1)) == pytest.approx(-5.5)  # the only trained stage
+    assert val(m.general_delta_norm(g1, CHANCE)) == pytest.approx(-9.0)  # as in test_general_normalised
+    assert val(m.general_retention_norm(g1, CHANCE)) == pytest.approx(0.775)
+    out = m.compute_all(R1, g1, CHANCE)
+    assert val(out["general_delta"]) == pytest.approx(-5.5) and val(out["final_avg"]) == pytest.approx(70.0)
+
+
 @pytest.mark.parametrize("empty", [[], [[], [], [], []]])
 def test_no_general_benchmarks(empty):
     out = m.compute_all(R3, empty, [])

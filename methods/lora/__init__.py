@@ -48,6 +48,14 @@ class Lora(Method):
 
     config_cls = LoraMethodConfig
 
+    def validate(self, module_names: set[str]) -> None:
+        # peft matches a list entry against the end of a module's dotted name
+        missing = [t for t in self.config.target_modules
+                   if not any(n == t or n.endswith("." + t) for n in module_names)]
+        if missing:
+            present = sorted({n.rsplit(".", 1)[-1] for n in module_names if not n.rsplit(".", 1)[-1].isdigit()})
+            raise ValueError(f"Invalid target_modules: {missing} not in the model; module names: {present}")
+
     def wrap(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
