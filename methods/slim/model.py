@@ -1,0 +1,116 @@
+"""SLIM layers on the shared MoE-LoRA layer: weight yielding (logit hook), construction, diagnostics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from methods.moe_lora import MoELoRALinear, get_routing_context, is_recomputing, model_routing_stats, moe_layers
+from methods.slim.clustering import SlidingClusters
+from methods.slim.config import SlimConfig
+from methods.slim.merging import DynamicMerging, apply_dynamic_merging, l1_term
+
+
+def _real_tokens(lead: torch.Size, device: torch.device) -> torch.Tensor | None:
+    """(T,) bool mask of non-padding tokens from the routing context, or None (all real)."""
+    mask = get_routing_context().attention_mask
+    if mask is None or tuple(mask.shape) != tuple(lead):
+        return None
+    return mask.reshape(-1).to(device=device) != 0
+
+
+def weight_yielding(logits: torch.Tensor, x: torch.Tensor, layer: MoELoRALinear) -> torch.Tensor:
+    """The ``logit_adjust`` hook: move routing mass toward identity experts for tokens far from the clusters.
+
+    ``d = max_c |x - c_idx| / sigma_idx - 1`` (divided by the running typical ratio first when calibrated), on the
+    detached input in fp32; ``s = clamp(d, 0, clip)``; identity logits ``+ gamma * s``, LoRA logits
+    ``- gamma * s``. In training mode (not during a checkpoint recompute) the real tokens are also handed to the
+    clustering for this step's update. Before the clusters are initialised the logits pass unchanged.
+    """
+    st: SlidingClusters = layer.slim_clusters
+    lead = x.shape[:-1]
+    xf = x.detach().reshape(-1, x.shape[-1]).float()
+    real = _real_tokens(lead, xf.device)
+    collect = layer.training and not is_recomputing()
+    if not bool(st.initialised):
+        if collect:
+            st.observe(xf if real is None else xf[real], None, None)
+        return logits
+    idx, r = st.ratios(xf)
+    if collect:
+        sel = slice(None) if real is None else real
+        st.observe(xf[sel], idx[sel], r[sel])
+    d = st.distance(r)
+    s = d.clamp(min=0.0, max=st.clip)
+    if layer.track_stats and not is_recomputing():
+        st.track(d if real is None else d[real], s if real is None else s[real])
+    if st.gamma == 0.0:
+        return logits
+    sign = torch.where(layer.is_identity, 1.0, -1.0).to(torch.float32)  # (E,)
+    shifted = logits.float() + (st.gamma * s).reshape(*lead, 1) * sign
+    return shifted.to(logits.dtype)
+
+
+def make_slim_layer(base: nn.Linear, cfg: SlimConfig, mask_seed: int) -> MoELoRALinear:
+    """One SLIM layer: a top-k MoE-LoRA layer with identity experts, the clustering / yielding state
+    (``slim_clusters``), the dynamic-merging masks (``slim_merge``) and the L1 aux term."""
+    layer = MoELoRALinear(base, n_experts=cfg.n_experts, rank=cfg.rank, alpha=cfg.alpha, n_identity=cfg.n_identity,
+                          top_k=cfg.top_k, dropout=cfg.dropout, logit_adjust=weight_yielding,
+                          delta_mask=apply_dynamic_merging, aux_terms=[l1_term(cfg.l1_weight)])
+    device = base.weight.device
+    layer.slim_clusters = SlidingClusters(
+        base.in_features, cfg.n_clusters, cfg.momentum, cfg.metric, cfg.min_std, cfg.cluster_init, cfg.init_iters,
+        cfg.gamma, cfg.calibrate, cfg.yield_clip, device=device)
+    layer.slim_merge = DynamicMerging(cfg.mask_ratio, cfg.mask_rescale, cfg.mask_phase, cfg.eval_mask, mask_seed,
+                                      device=device)
+    return layer
+
+
+def layer_seed(base_seed: int, index: int) -> int:
+    """Seed of layer ``index``'s fixed evaluation mask (distinct per layer, stable across runs of one seed)."""
+    return (base_seed * 1_000_003 + 7919 * (index + 1)) % (2**62)
+
+
+def set_tracking(model: nn.Module, enabled: bool) -> None:
+    """Switch routing and yielding statistics on/off for every SLIM layer (clearing them when switched on)."""
+    for _, layer in moe_layers(model):
+        layer.track_stats = enabled
+        if enabled:
+            layer.reset_stats()
+            if isinstance(getattr(layer, "slim_clusters", None), SlidingClusters):
+                layer.slim_clusters.reset_yield_stats()
+
+
+def _mean(values: list[tuple[float, float]]) -> float | None:
+    tot = sum(w for _, w in values)
+    return sum(v * w for v, w in values) / tot if tot else None
+
+
+def slim_diagnostics(model: nn.Module) -> dict[str, Any]:
+    """Routing and yielding statistics collected since :func:`set_tracking` was switched on (training tokens).
+
+    ``identity_share``: routing mass on identity experts; ``entropy``: mean per-token entropy of the applied
+    weights (nats); ``load``: per-expert mean weight averaged over layers (identity experts last);
+    ``yield_distance``: mean ``d``; ``far_share``: share of tokens with ``d > 0``; ``yield_score``: mean ``s``;
+    ``layers``: identity share and mean distance per layer. Token-weighted means over layers.
+    """
+    routing = model_routing_stats(model)
+    if routing["identity_share"] is None:
+        return {}
+    layers, loads, dist, far, score = {}, [], [], [], []
+    for name, layer in moe_layers(model):
+        rs = routing["layers"][name]
+        ys = layer.slim_clusters.yield_stats() if isinstance(getattr(layer, "slim_clusters", None),
+                                                              SlidingClusters) else {"tokens": 0}
+        if rs["tokens"]:
+            loads.append(rs["load"])
+        if ys["tokens"]:
+            dist.append((ys["distance"], ys["tokens"]))
+            far.append((ys["far_share"], ys["tokens"]))
+            score.append((ys["score"], ys["tokens"]))
+        layers[name] = {"identity_share": rs["identity_share"], "yield_distance": ys.get("distance")}
+    load = [sum(col) / len(loads) for col in zip(*loads)] if loads else None
+    return {"identity_share": routing["identity_share"], "entropy": routing["entropy"], "load": load,
+            "yield_distance": _mean(dist), "far_share": _mean(far), "yield_score": _mean(score), "layers": layers}
