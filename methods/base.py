@@ -132,6 +132,15 @@ class Method(ABC):
         return model
 
 
+def check_targets(targets: list[str], module_names: set[str]) -> None:
+    """Raise ``ValueError`` unless every target matches a whole trailing component of some module name
+    (the matching rule of ``peft`` and of ``methods.moe_lora.inject_moe_lora``)."""
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
+    if missing:
+        present = sorted({n.rsplit(".", 1)[-1] for n in module_names if not n.rsplit(".", 1)[-1].isdigit()})
+        raise ValueError(f"Invalid target_modules: {missing} not in the model; module names: {present}")
+
+
 def freeze(model: nn.Module) -> None:
     """Set ``requires_grad=False`` on every parameter."""
     for p in model.parameters():

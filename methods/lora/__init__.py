@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from methods.base import Method, MethodConfig, register_method
+from methods.base import Method, MethodConfig, check_targets, register_method
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -50,11 +50,7 @@ class Lora(Method):
 
     def validate(self, module_names: set[str]) -> None:
         # peft matches a list entry against the end of a module's dotted name
-        missing = [t for t in self.config.target_modules
-                   if not any(n == t or n.endswith("." + t) for n in module_names)]
-        if missing:
-            present = sorted({n.rsplit(".", 1)[-1] for n in module_names if not n.rsplit(".", 1)[-1].isdigit()})
-            raise ValueError(f"Invalid target_modules: {missing} not in the model; module names: {present}")
+        check_targets(list(self.config.target_modules), module_names)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model

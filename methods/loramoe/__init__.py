@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.base import Method, register_method
+from methods.base import Method, check_targets, register_method
 from methods.loramoe.config import LoRAMoEConfig
 from methods.moe_lora import (
     MoELoRALinear,
@@ -96,11 +96,7 @@ class LoRAMoE(Method):
     # -- setup --------------------------------------------------------------------------------------
     def validate(self, module_names: set[str]) -> None:
         # the same whole-component suffix match as inject_moe_lora
-        missing = [t for t in self.config.target_modules
-                   if not any(n == t or n.endswith("." + t) for n in module_names)]
-        if missing:
-            present = sorted({n.rsplit(".", 1)[-1] for n in module_names if not n.rsplit(".", 1)[-1].isdigit()})
-            raise ValueError(f"Invalid target_modules: {missing} not in the model; module names: {present}")
+        check_targets(list(self.config.target_modules), module_names)
 
     def make_layer(self, name: str, linear: nn.Linear) -> MoELoRALinear:
         """One LoRAMoE layer around ``linear`` (public so a subclass can change a layer's settings by name)."""

@@ -76,7 +76,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.base import Method, TaskInfo, register_method
+from methods.base import Method, TaskInfo, check_targets, register_method
 from methods.moe_lora import (collect_aux, inject_moe_lora, load_trainable_state, routing_context, total_param_count,
                               trainable_state)
 from methods.slim.clustering import SlidingClusters, update_clusters
@@ -99,10 +99,7 @@ class Slim(Method):
         self._diagnostics: dict[str, Any] = {}
 
     def validate(self, module_names: set[str]) -> None:
-        missing = [t for t in self.config.targets if not any(n == t or n.endswith("." + t) for n in module_names)]
-        if missing:
-            present = sorted({n.rsplit(".", 1)[-1] for n in module_names if not n.rsplit(".", 1)[-1].isdigit()})
-            raise ValueError(f"Invalid target_modules: {missing} not in the model; module names: {present}")
+        check_targets(list(self.config.targets), module_names)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         cfg = self.config
