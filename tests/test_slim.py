@@ -17,6 +17,7 @@ from benchmark.errors import UserError
 from methods import METHODS
 from methods.moe_lora import collect_aux, moe_layers, routing_context
 from methods.slim import DynamicMerging, Slim, SlimConfig, l1_penalty, make_slim_layer, update_clusters
+from methods.slim.clustering import nearest
 from methods.slim.model import set_tracking, slim_diagnostics
 
 
@@ -161,6 +162,21 @@ def test_data_initialisation_finds_the_two_blobs():
     torch.testing.assert_close(torch.tensor(got), torch.tensor([[0.2 / 3, 0.2 / 3], [5 + 0.2 / 3, 5 + 0.2 / 3]]))
     # variance = mean squared deviation from the centre, per channel (1/3)*((1/15)^2 + (2/15)^2 + (1/15)^2) = 2/225
     torch.testing.assert_close(st.var, torch.full((2, 2), 2 / 225))
+
+
+def test_nearest_cluster_metrics_differ_and_random_init_is_ready_at_wrap():
+    centres = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    var = torch.tensor([[100.0, 1.0], [1.0, 1.0]])
+    x = torch.tensor([[2.5, 0.0]])
+    assert nearest(x, centres, var, "euclidean").item() == 1  # 2.5^2 vs 0.5^2
+    assert nearest(x, centres, var, "mahalanobis").item() == 0  # 6.25/100 vs 0.25/1
+    method = Slim(SlimConfig(cluster_init="random"))
+    model = method.wrap(tiny_llama())
+    states = [layer.slim_clusters for _, layer in moe_layers(model)]
+    assert all(bool(s.initialised) and s.centres.abs().sum() > 0 for s in states)
+    before = [s.centres.clone() for s in states]
+    train_steps(method, model, steps=1)
+    assert all(not torch.equal(b, s.centres) for b, s in zip(before, states))
 
 
 def test_gradient_checkpoint_recompute_counts_tokens_once():
@@ -309,3 +325,25 @@ def test_cluster_statistics_are_all_reduced_across_processes(tmp_path):
     torch.testing.assert_close(s0["centres"], torch.tensor([[1.0, 0.5], [10.0, 11.0]]))
     torch.testing.assert_close(s0["var"], torch.tensor([[1.5, 1.125], [0.5, 1.0]]))
     torch.testing.assert_close(s0["ratio"], torch.tensor(1.5))
+
+
+# -- end to end -----------------------------------------------------------------------------------------------------
+def test_run_records_identity_share_per_stage(tmp_path, cache_dir):
+    import json
+
+    from benchmark.cli import main
+    from tests.conftest import TINY_RUN
+
+    argv = ["-q", "run", "--methods", "slim", "--seeds", "0", "--output", str(tmp_path)]
+    for s in TINY_RUN:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    rec = json.loads((tmp_path / "runs" / "slim--tiny-world--tiny-world--seed0.json").read_text())
+    assert rec["status"] == "success"
+    diags = rec["diagnostics"]
+    assert [d["stage"] for d in diags] == [0, 1, 2, 3]
+    for d in diags[1:]:
+        assert 0.0 <= d["identity_share"] <= 1.0 and d["entropy"] >= 0.0
+        assert len(d["load"]) == 10 and math.isclose(sum(d["load"]), 1.0, rel_tol=1e-6)
+        assert d["yield_distance"] is not None  # clusters are initialised after the run's first step
+    assert "identity_share" in (tmp_path / "routing.csv").read_text()

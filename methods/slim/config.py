@@ -74,7 +74,7 @@ class SlimConfig(MethodConfig):
     gamma: float = field(default=1.0, metadata=_h("Weight-yielding strength."))
     calibrate: bool = field(default=True, metadata=_h("Normalise the distance by its running training mean."))
     yield_clip: float | None = field(default=5.0, metadata=_h("Upper clip of the yielding score (None: none)."))
-    mask_ratio: float = field(default=0.3, metadata=_h("Dynamic-merging drop ratio p of BA entries."))
+    mask_ratio: float = field(default=0.1, metadata=_h("Dynamic-merging drop ratio p of BA entries."))
     mask_rescale: bool = field(default=True, metadata=_h("Rescale the kept delta by 1/(1-p) (DARE)."))
     mask_phase: str = field(default="both", metadata=_h("Masks in: both, train, eval or none."))
     eval_mask: str = field(default="fixed", metadata=_h("Evaluation masks: fixed (repeatable) or resample."))
