@@ -316,10 +316,10 @@ def test_cluster_statistics_are_all_reduced_across_processes(tmp_path):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "state")
-    # fork: the children need no fresh interpreter (spawn would re-import torch and transformers)
+    # spawn, not fork: forking a parent that already runs OpenMP/tokenizer threads can deadlock the children
     mp.start_processes(_rank_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True,
-                       start_method="fork")
-    s0, s1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+                       start_method="spawn")
+    s0, s1 = torch.load(f"{out}.0", weights_only=True), torch.load(f"{out}.1", weights_only=True)
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
     torch.testing.assert_close(s0["centres"], torch.tensor([[1.0, 0.5], [10.0, 11.0]]))
