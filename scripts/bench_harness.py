@@ -1,0 +1,128 @@
+"""Harness overhead of a real default run: the share of wall time outside training steps and evaluation forwards.
+
+Runs ``python -m benchmark run --methods lora --seeds 0`` (tiny-world, base model cached; built first if missing,
+outside the measurement) in a child process instrumented by ``scripts/harness_probe.py``, and splits the
+child's wall time (interpreter start-up included) into
+
+  work      the training step loops (forward, backward, optimiser; batch collation counted as overhead) and the
+            model calls lm-eval makes while evaluating (log-likelihood forwards and generation)
+  overhead  everything else: start-up and imports, loading the base model, tokenising, lm-eval set-up and
+            request building, hashing for the evaluation cache, checkpoints, records and the leaderboard
+
+Goal (issue 9): overhead <= 10 % of the wall time. Then (unless ``--no-cache-demo``) the same command runs again
+with ``--force`` on the same output folder: pretraining, the base-model evaluation and every stage evaluation
+are served from their caches (the log lines are printed), so the rerun costs the training only.
+
+Usage: python scripts/bench_harness.py [--methods lora] [--set KEY=VALUE ...] [--no-cache-demo] [--quick].
+Writes results/bench/harness.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchlib import fmt_table, offline_env, probe_run, verdict, write_result
+
+GOAL = 10.0  # percent
+QUICK = ["train.steps_scale=0.1", "eval.limit=40"]
+
+
+def ensure_base_model(sets: list[str]) -> None:
+    """Build the tiny-world base model now if it is not cached, so pretraining stays out of the measurement."""
+    offline_env()
+    from benchmark.config import make_config
+    from benchmark.runner import base_model_path, make_plan
+
+    plan = make_plan(make_config({"methods": ["lora"]}, [s for s in sets if s.startswith("model.")]))
+    base_model_path(plan, quiet=True)
+
+
+def split(d: dict[str, Any]) -> dict[str, Any]:
+    """Work and overhead seconds of one probed run, with the overhead broken down by phase."""
+    t = d["times"]
+    g = lambda k: t.get(k, 0.0)  # noqa: E731
+    wall = d["wall_s"]
+    train = g("train_loop") - g("collate")
+    evalm = g("eval_model_call") + g("eval_model_generate")
+    overhead = wall - train - evalm
+    parts = {
+        "start-up and imports (before the run starts)": wall - d["main_s"],
+        "loading the base model (+ cache lookup)": g("load_base") + g("base_model_path"),
+        "tokenising training data": g("tokenise"),
+        "training set-up (optimiser, scheduler)": g("train_stage") - g("train_loop"),
+        "batch collation in the step loop": g("collate"),
+        "lm-eval set-up, requests, scoring": g("evaluate") - evalm,
+        "hashing for the evaluation cache": g("hash_model") + g("hash_stage"),
+        "stage checkpoints": g("checkpoint"),
+        "records (JSON writes)": g("write_json"),
+        "leaderboard, CSVs, plots": g("leaderboard"),
+    }
+    parts["other (wrap, hooks, diagnostics, logging)"] = overhead - sum(parts.values())
+    return {"wall_s": wall, "train_step_s": train, "eval_forward_s": evalm, "overhead_s": overhead,
+            "overhead_pct": 100.0 * overhead / wall, "breakdown_s": parts, "calls": d["calls"],
+            "cache_hits": d.get("cache_hits", []), "pretrained": bool(d.get("cache_misses"))}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="lora")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the run")
+    ap.add_argument("--no-cache-demo", action="store_true", help="skip the --force rerun that shows the caches")
+    ap.add_argument("--quick", action="store_true", help=f"smoke run ({' '.join(QUICK)}): NOT a default run")
+    ap.add_argument("--keep", type=Path, help="keep the run's output folder here (default: a temp dir)")
+    a = ap.parse_args(argv)
+    sets = a.set + (QUICK if a.quick else [])
+    ensure_base_model(sets)
+    tmp = Path(tempfile.mkdtemp(prefix="fb-bench-harness-"))
+    out_dir = a.keep or tmp / "out"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    cli = ["run", "--methods", a.methods, "--seeds", a.seeds, "--output", str(out_dir)]
+    for s in sets:
+        cli += ["--set", s]
+    try:
+        first = split(probe_run(cli))
+        rerun = None if a.no_cache_demo else split(probe_run(cli + ["--force"]))
+        records = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    shown = ["DIR" if c == str(out_dir) else c for c in cli]
+    print(f"\n$ python -m benchmark {' '.join(shown)}" + ("   [--quick: not a default run]" if a.quick else ""))
+    rows = [["wall time (child process)", first["wall_s"], 100.0],
+            ["training step loops", first["train_step_s"], 100 * first["train_step_s"] / first["wall_s"]],
+            ["evaluation forwards (lm-eval model calls)", first["eval_forward_s"],
+             100 * first["eval_forward_s"] / first["wall_s"]],
+            ["OVERHEAD", first["overhead_s"], first["overhead_pct"]]]
+    rows += [[f"  {k}", v, 100 * v / first["wall_s"]] for k, v in first["breakdown_s"].items()]
+    print(fmt_table(rows, ["phase", "seconds", "% of wall"]))
+    print(f"overhead {first['overhead_pct']:.1f} % of wall (goal <= {GOAL:.0f} %): "
+          f"{verdict(first['overhead_pct'], '<=', GOAL)}")
+    print(f"evaluate() calls: {first['calls'].get('evaluate', 0)}, train_stage() calls: "
+          f"{first['calls'].get('train_stage', 0)}; cache hits in this run: {len(first['cache_hits'])}")
+    for line in first["cache_hits"]:
+        print(f"  hit: {line}")
+    if rerun is not None:
+        print(f"\nrerun with --force (same folder): wall {rerun['wall_s']:.1f} s, evaluation forwards "
+              f"{rerun['eval_forward_s']:.2f} s, evaluate() calls {rerun['calls'].get('evaluate', 0)}, "
+              f"{len(rerun['cache_hits'])} cache hits:")
+        for line in rerun["cache_hits"]:
+            print(f"  hit: {line}")
+        if rerun["calls"].get("evaluate", 0):
+            print("  (a stage evaluation was recomputed: its key covers the trained weights and the source of the "
+                  "methods package, so an edit under methods/ between the two runs makes it a miss)")
+    costs = [{k: r.get("costs", {}).get(k) for k in ("train_seconds", "eval_seconds", "wall_seconds",
+                                                     "peak_memory_mb")} | {"run_id": r["run_id"]} for r in records]
+    write_result("harness", {"goal": f"overhead <= {GOAL} % of wall", "command": shown,
+                             "quick": a.quick, "first": first, "rerun": rerun, "record_costs": costs})
+    return first
+
+
+if __name__ == "__main__":
+    main()
