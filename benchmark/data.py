@@ -112,14 +112,11 @@ def encode_task(spec: TaskSpec, tokenizer: Any, max_len: int, limit: int | None 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padding is masked out of the loss and of attention."""
     width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
+    # padded Python lists -> one tensor each (one small tensor per row costs ~3x more; this runs every step)
+    ids = torch.tensor([e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in examples], dtype=torch.long)
+    labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in examples], dtype=torch.long)
+    mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in examples],
+                        dtype=torch.long)
     task_types = torch.tensor([e.task_type for e in examples], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_types": task_types}
 

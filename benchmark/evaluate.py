@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,12 +210,11 @@ def evaluate(
         apply_chat_template: format every prompt with the tokenizer's chat template (instruction models);
             training must then use it too (:func:`benchmark.data.encode_task`).
     """
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     t0 = time.perf_counter()
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    lm = _memo_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     builtin = [t[len(LM_EVAL_PREFIX):] if t.startswith(LM_EVAL_PREFIX) else t for t in (lm_eval_tasks or [])]
     metric_of = {(k[len(LM_EVAL_PREFIX):] if k.startswith(LM_EVAL_PREFIX) else k): v
                  for k, v in (metrics or {}).items()}
@@ -251,6 +251,38 @@ def evaluate(
         raise RuntimeError(f"lm-eval returned no score for {missing}")
     return EvalResult(scores=scores, n_examples=counts, seconds=time.perf_counter() - t0, metrics=used,
                       fewshot=shots)
+
+
+# tokenizer -> {(string, add_special_tokens, left_truncate_len, add_bos_token, vocab size): token ids}
+_TOKEN_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKEN_MEMO_MAX = 100_000
+
+
+@functools.cache
+def _memo_hflm_class() -> type:
+    """lm-eval's ``HFLM`` with ``tok_encode`` memoised per tokenizer.
+
+    Every stage evaluates the same requests with the same tokenizer, and the four choices of a question share
+    its context: lm-eval encodes each (context, continuation) pair twice per request, so most of its ~2 calls
+    per request repeat earlier ones. Memoising returns identical ids (a copy) without re-running the tokenizer.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class MemoHFLM(HFLM):
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                       left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
+            if kwargs:
+                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+            memo = _TOKEN_MEMO.setdefault(self.tokenizer, {})
+            key = (string, add_special_tokens, left_truncate_len, self.add_bos_token, len(self.tokenizer))
+            ids = memo.get(key)
+            if ids is None:
+                ids = super().tok_encode(string, add_special_tokens, left_truncate_len)
+                if len(memo) < _TOKEN_MEMO_MAX:  # bounded: large suites (e.g. 5-shot MMLU) keep their memory
+                    memo[key] = ids
+            return list(ids)
+
+    return MemoHFLM
 
 
 def _run_lm_eval(lm: Any, manager: Any, task_list: list[Any], num_fewshot: int | None, limit: int | None,
