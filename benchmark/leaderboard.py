@@ -18,16 +18,16 @@ import pandas as pd
 from benchmark import metrics
 from benchmark.metrics import MetricValue
 from benchmark.records import (ROUTING_COLUMNS, ROUTING_FLOATS, ROUTING_INTS, SCHEMA_VERSION, SCORE_COLUMNS,
-                               SCORE_FLOATS, SCORE_INTS, atomic_write_text, kind, load_records, routing_rows,
-                               score_rows, typed_frame)
+                               SCORE_FLOATS, SCORE_INTS, atomic_write_text, display_name, kind, load_records,
+                               method_variants, routing_rows, score_rows, typed_frame)
 
 logger = logging.getLogger(__name__)
 METRIC_NAMES = list(metrics.METRICS)
 COST = ["trainable_params", "active_params", "train_seconds", "peak_memory_mb"]
 RUN_COST = ["trainable_params", "active_params", "train_seconds", "eval_seconds", "wall_seconds", "peak_memory_mb"]
 VERSION_PKGS = ["torch", "transformers", "peft", "lm_eval", "datasets", "accelerate", "forgetbench"]
-KEYS = ["kind", "method", "model", "sequence", "sequence_id"]
-ID_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence", "sequence_id", "seed"]
+KEYS = ["kind", "method", "variant", "model", "sequence", "sequence_id"]
+ID_COLUMNS = ["schema_version", "run_id", "kind", "method", "variant", "model", "sequence", "sequence_id", "seed"]
 RUN_COLUMNS = (ID_COLUMNS + ["status", "error", "n_tasks", "n_general", "n_stages_done"]
                + [c for m in METRIC_NAMES for c in (m, f"{m}_reason")] + ["reference_runs"] + RUN_COST
                + ["train_steps", "n_examples", "eval_batch_size", "eval_limit", "num_threads", "device"]
@@ -94,10 +94,15 @@ def run_metrics(rec: dict[str, Any], references: dict[tuple, tuple[list[float], 
     return out
 
 
-def run_row(rec: dict[str, Any], references: dict[tuple, tuple[list[float], int]] | None = None) -> dict[str, Any]:
-    """One ``runs.csv`` row: identity, status, every metric with its reason, costs, evaluation facts, versions."""
+def run_row(rec: dict[str, Any], references: dict[tuple, tuple[list[float], int]] | None = None,
+            variant: str = "") -> dict[str, Any]:
+    """One ``runs.csv`` row: identity, status, every metric with its reason, costs, evaluation facts, versions.
+
+    ``variant``: what sets this run's method options apart from other runs of its method (see
+    :func:`benchmark.records.method_variants`).
+    """
     row: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **{k: rec.get(k) for k in ID_COLUMNS[1:]}}
-    row["kind"] = kind(rec)
+    row.update(kind=kind(rec), variant=variant)
     stages = [s for s in rec.get("stages") or [] if isinstance(s, dict)]
     row.update(status=rec.get("status"), error=rec.get("error"), n_tasks=len(rec.get("tasks") or []),
                n_general=len(rec.get("general_tasks") or []), n_stages_done=len(stages))
@@ -121,9 +126,12 @@ def run_row(rec: dict[str, Any], references: dict[tuple, tuple[list[float], int]
 
 def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     """``runs.csv``: one row per run (failed ones included), sorted by model, sequence, kind, method, seed."""
-    refs = reference_scores(records)
-    df = typed_frame([run_row(r, refs) for r in records], RUN_COLUMNS, INT_RUN_COLUMNS, FLOAT_RUN_COLUMNS)
-    return df.sort_values(["model", "sequence_id", "kind", "method", "seed"], kind="stable").reset_index(drop=True)
+    refs, variants = reference_scores(records), method_variants(records)
+    df = typed_frame([run_row(r, refs, variants.get(r["run_id"], "")) for r in records], RUN_COLUMNS,
+                     INT_RUN_COLUMNS, FLOAT_RUN_COLUMNS)
+    df["variant"] = df["variant"].fillna("")
+    return df.sort_values(["model", "sequence_id", "kind", "method", "variant", "seed"],
+                          kind="stable").reset_index(drop=True)
 
 
 def _reason(sub: pd.DataFrame, metric: str, n_ok: int, n_def: int) -> str | None:
@@ -140,7 +148,7 @@ def _none(x: Any) -> Any:
 
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (kind, method, model, sequence id): mean, std, n over successful seeds; Pareto flag."""
+    """One row per (kind, method, variant, model, sequence id): mean, std, n over successful seeds; Pareto flag."""
     rows = []
     for key, sub in runs.groupby(KEYS, dropna=False, sort=True):
         ok = sub[sub["status"] == "success"]
@@ -170,8 +178,8 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
         sub = df.loc[idx]
         df.loc[idx, "pareto"] = metrics.pareto_front(list(zip(sub["final_avg"], sub["general_delta"])))
     df["pareto"] = df["pareto"].astype(bool)
-    df = df.sort_values(["model", "sequence_id", "kind", "final_avg", "method"],
-                        ascending=[True, True, True, False, True], na_position="last", kind="stable")
+    df = df.sort_values(["model", "sequence_id", "kind", "final_avg", "method", "variant"],
+                        ascending=[True, True, True, False, True, True], na_position="last", kind="stable")
     return df.reset_index(drop=True)
 
 
@@ -206,9 +214,10 @@ def to_markdown(df: pd.DataFrame) -> str:
                   "| method | seeds | " + " | ".join(cols) + " | trainable params | active params | train s |",
                   "|---" * (len(cols) + 5) + "|"]
         for _, r in sub.iterrows():
-            name = f"**{r['method']}** *" if r["pareto"] else str(r["method"])
+            label = display_name(r["method"], r["variant"])
+            name = f"**{label}** *" if r["pareto"] else label
             if r["kind"] == "reference":
-                name = f"_{r['method']}_ (reference)"
+                name = f"_{label}_ (reference)"
             failed = f" ({int(r['n_failed'])} failed)" if r["n_failed"] else ""
             tp, ap = (f"{int(r[k]):,}" if _none(r[k]) is not None else "n/a"
                       for k in ("trainable_params", "active_params"))

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from benchmark.records import atomic_write_bytes, kind
+from benchmark.records import atomic_write_bytes, display_name, kind, method_variants
 
 logger = logging.getLogger(__name__)
 Images = dict[str, list[tuple[str, Path]]]  # view -> [(caption, png path)]
@@ -64,17 +64,17 @@ def tradeoff_figure(group: pd.DataFrame, colors: dict[str, Any], title: str) -> 
     for _, r in pts.iterrows():
         xerr, yerr = _num(r["general_delta_std"]), _num(r["final_avg_std"])
         err = {"xerr": None if math.isnan(xerr) else xerr, "yerr": None if math.isnan(yerr) else yerr}
-        seeds = f"n={r['n_seeds']}"
+        seeds, name = f"n={r['n_seeds']}", display_name(r["method"], r.get("variant"))
         if r["kind"] == "reference":
             ax.errorbar(r["x"], r["y"], **err, linestyle="none", capsize=4, elinewidth=1, **REFERENCE_STYLE,
-                        label=f"{r['method']} (upper bound, {seeds})")
+                        label=f"{name} (upper bound, {seeds})")
         else:
             ax.errorbar(r["x"], r["y"], **err, fmt="o", markersize=9, capsize=4, elinewidth=1.2,
-                        color=colors.get(r["method"]), markeredgecolor="black" if r["pareto"] else "none",
-                        markeredgewidth=1.8, label=f"{r['method']} ({seeds}{', Pareto' if r['pareto'] else ''})")
+                        color=colors.get(name), markeredgecolor="black" if r["pareto"] else "none",
+                        markeredgewidth=1.8, label=f"{name} ({seeds}{', Pareto' if r['pareto'] else ''})")
         same = sum(math.isclose(x, r["x"], abs_tol=1e-9) and math.isclose(y, r["y"], abs_tol=1e-9) for x, y in placed)
         placed.append((r["x"], r["y"]))  # stack the labels of coinciding points instead of overprinting them
-        ax.annotate(str(r["method"]), (r["x"], r["y"]), textcoords="offset points", xytext=(7, 6 + 11 * same),
+        ax.annotate(name, (r["x"], r["y"]), textcoords="offset points", xytext=(7, 6 + 11 * same),
                     fontsize=9)
     front = pts[pts["pareto"].astype(bool)].sort_values(["x", "y"], ascending=[True, False])
     if len(front):
@@ -136,8 +136,10 @@ def general_figure(recs: list[dict[str, Any]], colors: dict[str, Any], title: st
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot()
     by_method: dict[str, list[list[float]]] = {}
+    variants = method_variants(recs)
     for r in methods:
-        by_method.setdefault(r["method"], []).append([float(np.mean([_num(v) for v in row])) for row in r["G"]])
+        curve = [float(np.mean([_num(v) for v in row])) for row in r["G"]]
+        by_method.setdefault(display_name(r["method"], variants.get(r["run_id"])), []).append(curve)
     for name in sorted(by_method):
         curves = [c for c in by_method[name] if len(c) == len(tasks) + 1]
         if not curves:
@@ -165,7 +167,8 @@ def general_figure(recs: list[dict[str, Any]], colors: dict[str, Any], title: st
 def write_plots(out_dir: str | Path, records: list[dict[str, Any]], df: pd.DataFrame) -> Images:
     """Write every figure under ``out_dir/plots``; returns the written PNGs per view with a caption."""
     plots = Path(out_dir) / "plots"
-    colors = _colors([str(r.get("method")) for r in records])
+    variants = method_variants(records)
+    colors = _colors([display_name(r.get("method"), variants.get(r.get("run_id"))) for r in records])
     images: Images = {"tradeoff": [], "general": [], "heatmaps": []}
     for (model, seq), group in (df.groupby(["model", "sequence_id"], sort=False) if not df.empty else []):
         name = f"{slug(model)}--{slug(seq)}.png"

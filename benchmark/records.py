@@ -20,7 +20,7 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: ``variant`` column in runs.csv and leaderboard.csv
 SCORE_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence", "sequence_id", "seed", "status",
                  "stage", "stage_task", "task", "task_group", "metric", "value", "n_examples", "eval_batch_size"]
 ROUTING_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence_id", "seed", "stage",
@@ -112,6 +112,36 @@ def typed_frame(rows: list[dict[str, Any]] | pd.DataFrame, columns: list[str], i
 def kind(rec: dict[str, Any]) -> str:
     """``method`` (a continual run) or ``reference`` (e.g. the joint-training upper bound)."""
     return rec.get("kind") or "method"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":")) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def method_variants(records: list[dict[str, Any]]) -> dict[str, str]:
+    """run id -> what sets its method configuration apart from other runs of that method (``""`` if nothing).
+
+    Runs of one method, model and sequence made with different method options (an ablation, or folders merged
+    from machines with other settings) must never be averaged together: the variant names the option values that
+    differ within the group (``ranks=uniform5``), and the leaderboard keeps one row per variant.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((kind(r), r.get("method"), r.get("model"), r.get("sequence_id")), []).append(r)
+    out: dict[str, str] = {}
+    for recs in groups.values():
+        cfgs = [r.get("method_config") if isinstance(r.get("method_config"), dict) else {} for r in recs]
+        keys = sorted({k for c in cfgs for k in c})
+        differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in cfgs}) > 1]
+        for r, c in zip(recs, cfgs):
+            out[r["run_id"]] = ",".join(f"{k}={_short(c.get(k))}" for k in differ)
+    return out
+
+
+def display_name(method: Any, variant: Any) -> str:
+    """``method`` or ``method [variant]`` for tables and plot legends."""
+    return f"{method} [{variant}]" if isinstance(variant, str) and variant else str(method)
 
 
 def load_records(dirs: list[str | Path]) -> list[dict[str, Any]]:

@@ -20,9 +20,10 @@ import pandas as pd
 from benchmark import metrics
 from benchmark.records import SCHEMA_VERSION, atomic_write_text
 
-TEXT_COLUMNS = ["method", "kind", "model", "sequence_id", "seeds"]
+TEXT_COLUMNS = ["method", "variant", "kind", "model", "sequence_id", "seeds"]
 COLUMN_HELP = {
     "method": "fine-tuning method (registry name)",
+    "variant": "method options that differ between runs of this method (empty: all runs share one configuration)",
     "kind": "method = continual run over the sequence; reference = joint training on all tasks (upper bound)",
     "model": "base model (tiny-world, a hub id or a local path)",
     "sequence_id": "sequence name @ content hash of its ordered tasks, steps, data files and general suite; "
@@ -120,7 +121,7 @@ def _help(col: str) -> str:
 
 def table_columns(df: pd.DataFrame) -> list[str]:
     """Columns of the HTML table: identity, the trade-off, every metric, costs."""
-    first = ["method", "kind", "model", "sequence_id", "n_seeds", "seeds", "pareto", "n_failed"]
+    first = ["method", "variant", "kind", "model", "sequence_id", "n_seeds", "seeds", "pareto", "n_failed"]
     return [c for c in first + list(metrics.METRICS) + COST_COLUMNS if c in df.columns]
 
 

@@ -127,11 +127,33 @@ def base_model_path(plan: Plan, quiet: bool) -> Path | None:
     return tinyworld_path(plan.cfg.model.pretrain, facts, quiet=quiet)
 
 
+def method_label(plan: Plan, method_name: str) -> str:
+    """The method's name, plus ``-<8 hex>`` of its configuration when that differs from the method's defaults.
+
+    An ablation (``--set methods.hilo.ranks=uniform5``) thus gets run ids of its own: it can share a results
+    folder with the default runs and be merged with them without either replacing the other.
+    """
+    entry = plan.methods.get(method_name)
+    if entry is None:  # e.g. the joint reference
+        return method_name
+    cls, mcfg = entry
+    try:
+        default = cls.config_cls().to_dict()
+    except TypeError:  # a plugin config with required fields: compare with the options actually given
+        default = None if plan.cfg.method_options.get(method_name) else mcfg.to_dict()
+    config = mcfg.to_dict()
+    if config == default:
+        return method_name
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{method_name}-{digest[:8]}"
+
+
 def run_id(plan: Plan, method_name: str, seed: int) -> str:
-    """``<method>--<model>--<sequence>--seed<k>``, reduced to one safe file-name component."""
+    """``<method>--<model>--<sequence>--seed<k>`` (see :func:`method_label`), one safe file-name component."""
     from benchmark.models import model_slug
 
-    return safe_component(f"{method_name}--{model_slug(plan.cfg.model.name)}--{plan.sequence.name}--seed{seed}")
+    return safe_component(f"{method_label(plan, method_name)}--{model_slug(plan.cfg.model.name)}--"
+                          f"{plan.sequence.name}--seed{seed}")
 
 
 def _eval_settings(plan: Plan, model: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from benchmark.evaluate import spec_metric
 from benchmark.evalcache import model_hash, stage_model_key
 from benchmark.locks import RunLock
 from benchmark.paths import checkpoint_dir, lock_path, record_path
-from benchmark.records import environment, git_info, read_json, write_json
+from benchmark.records import SCHEMA_VERSION, environment, git_info, read_json, write_json
 from benchmark.runner import (Plan, _evaluate, _peak_memory_mb, _rows, base_evaluation, run_id, seed_everything,
                               stage_steps)
 
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 def new_record(plan: Plan, rid: str, method_name: str, seed: int, mcfg: Any) -> dict[str, Any]:
     """A run record before its first stage (status ``running``)."""
     return {
-        "schema_version": "1.0", "run_id": rid, "method": method_name, "model": plan.cfg.model.name,
+        "schema_version": SCHEMA_VERSION, "run_id": rid, "method": method_name, "model": plan.cfg.model.name,
         "sequence": plan.sequence.name, "sequence_id": plan.sequence_id, "seed": seed, "status": "running",
         "error": None, "failed_stage": None, "config": plan.cfg.to_dict(), "method_config": mcfg.to_dict(),
         "tasks": [t.name for t in plan.tasks], "general_tasks": [g.name for g in plan.general] + plan.general_builtin,

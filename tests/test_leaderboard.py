@@ -147,6 +147,26 @@ def test_leaderboard_aggregates_seeds_and_flags_pareto(tmp_path):
     assert "72.3 ± 0.9" in md and "general_base (base model, before any training) = 62.5" in md
 
 
+def test_method_variants_are_never_averaged_together(tmp_path):
+    """Runs of one method with other options (an ablation, a merged folder) get a row of their own."""
+    r0 = make_record("h", 0, R3, G3)
+    r1 = make_record("h", 1, R3[:3] + [[62, 65, 92]], G3[:3] + [[47, 63]])
+    for r, ranks in ((r0, "2468"), (r1, "uniform5")):
+        r["method_config"] = {"ranks": ranks, "top_k": 2}
+    r1["run_id"] = "h-1a2b3c4d--toy--toy@0000--seed1"
+    d = write_records(tmp_path / "d", [r0, r1, make_record("c", 0, R3, G3)])
+    lb.write_all(d)
+    board, runs = csv(d / "leaderboard.csv"), csv(d / "runs.csv")
+    assert list(board.columns) == lb.LEADERBOARD_COLUMNS and "variant" in runs.columns
+    h = board[board["method"] == "h"]
+    assert sorted(h["variant"]) == ["ranks=2468", "ranks=uniform5"] and list(h["n_seeds"]) == [1, 1]
+    assert row(board, method="h", variant="ranks=2468")["final_avg"] == pytest.approx(215 / 3)  # r0 alone
+    assert row(board, method="h", variant="ranks=uniform5")["final_avg"] == pytest.approx(73)
+    assert pd.isna(row(board, method="c")["variant"])  # one configuration: no variant
+    md = (d / "leaderboard.md").read_text()
+    assert "h [ranks=2468]" in md and "h [ranks=uniform5]" in md
+
+
 def test_partly_undefined_metric_states_how_many_seeds(tmp_path):
     nan_run = make_record("a", 1, R3[:3] + [[None, 65, 92]], G3)  # a missing final cell on task 1
     d = write_records(tmp_path / "d", [make_record("a", 0, R3, G3), nan_run])
@@ -308,7 +328,8 @@ def test_publish_script_dry_run_and_readme_block(tmp_path, capsys):
     lb.write_all(d)
     readme = tmp_path / "README.md"
     text = "# title\n\nintro\n"
-    block = pub.results_block(d, readme, "0,1")
+    block = pub.results_block(d, readme, "0,1", 1)
+    assert "seeds 0,1, `num_threads=1`" in block  # the thread count moves tiny-world scores: say it
     once = pub.update_readme(text, block)
     assert once.startswith(text.rstrip("\n")) and pub.START in once and pub.END in once
     assert "](res/plots/tradeoff--toy--toy_0000.png)" in once and "| **a** * |" in once

@@ -43,3 +43,25 @@ def test_run_writes_records_scores_and_leaderboard(tmp_path, cache_dir):
         assert col in board.columns
     assert set(board["method"]) == {"full_ft", "lora"}
     assert "full_ft" in (out / "leaderboard.md").read_text()
+
+
+def test_ablation_shares_a_folder_with_the_default_run(tmp_path, cache_dir):
+    """Other method options -> a run id of its own (no 'other settings' refusal) and a leaderboard row of its own."""
+    from benchmark.config import make_config
+    from benchmark.runner import make_plan, run_id
+
+    out = tmp_path / "out"
+    assert _run(out, methods="lora") == 0
+    argv = ["-q", "run", "--methods", "lora", "--seeds", "0", "--output", str(out), "--set", "methods.lora.r=4"]
+    for s in TINY_RUN:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    names = sorted(p.name for p in (out / "runs").glob("*.json"))
+    assert len(names) == 2 and names[0] == "lora--tiny-world--tiny-world--seed0.json"
+    assert names[1].startswith("lora-") and len(names[1].split("--")[0]) == len("lora-") + 8
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert sorted(board["variant"]) == ["r=4", "r=8"] and list(board["n_seeds"]) == [1, 1]
+    # the default configuration, spelled out or not, keeps the plain id (published results stay addressable)
+    explicit = make_plan(make_config({"methods": ["lora", "hilo"]}, ["methods.lora.r=8", "methods.hilo.ranks=2468"]))
+    assert run_id(explicit, "lora", 0) == "lora--tiny-world--tiny-world--seed0"
+    assert run_id(explicit, "hilo", 2) == "hilo--tiny-world--tiny-world--seed2"

@@ -58,6 +58,10 @@ class HiloConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("experts", "ranks"):  # ``--set methods.hilo.ranks=2468`` parses as a number: same schedule
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, str(value))
         parse_schedule(self.experts, "experts", allow_alpha_hill=True)
         parse_schedule(self.ranks, "ranks")
         for name in ("top_k", "n_null", "null_top_k", "alpha_hill_total"):
