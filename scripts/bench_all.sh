@@ -33,7 +33,7 @@ start=$SECONDS
 if [ "$QUICK" = 1 ]; then
   run scripts/bench_moe_layer.py --quick
   run scripts/bench_train_step.py --quick "${DEV[@]}"
-  run scripts/bench_harness.py --quick --no-cache-demo
+  run scripts/bench_harness.py --quick --cache-demo none
   run scripts/bench_eval.py --rounds 1 --limit 100 "${DEV[@]}"
   run scripts/bench_memory.py --steps 2 --limit 4
   run scripts/bench_scaling.py --stages 1,3 --steps 3 --limit 4 --rounds 2 "${DEV[@]}"

@@ -8,8 +8,9 @@ Each method runs the tiny-world sequence in its own process (peak resident memor
 Goal (issue 9): checkpoint bytes per stage <= 1.1x the trainable parameters' bytes for PEFT methods. Reported:
 ``trainable.safetensors`` alone (the method's trainable state: its parameters plus any state it carries between
 stages that is not a parameter, e.g. SLIM's sliding cluster statistics, shown as "non-param state") and the
-whole stage folder (adds RNG streams and the partial run record: a fixed few tens of kB). Peak memory: ``costs.peak_memory_mb`` of each run record (process
-peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on a GPU).
+whole stage folder (adds RNG streams and the partial run record: a fixed few tens of kB). Peak memory:
+``costs.peak_memory_mb`` of each run record (process peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on a
+GPU).
 
 Usage: python scripts/bench_memory.py [--methods lora,loramoe,slim,hilo,full_ft] [--steps 10] [--limit 16].
 Writes results/bench/memory.json.
