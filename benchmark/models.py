@@ -76,6 +76,15 @@ def train_tokenizer(vocab_size: int) -> Any:
 
 def pretrain_tinyworld(cfg: PretrainConfig, general_specs: list[Any], out_dir: Path, quiet: bool = False) -> dict:
     """Build the tokenizer and pretrain a small Llama on the fact corpus until general accuracy >= target."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)  # on CPU the weights depend on it (see PretrainConfig.num_threads)
+    try:
+        return _pretrain(cfg, general_specs, out_dir, quiet)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _pretrain(cfg: PretrainConfig, general_specs: list[Any], out_dir: Path, quiet: bool) -> dict:
     from accelerate import Accelerator
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1.1"  # 1.1: ``variant`` column in runs.csv and leaderboard.csv
+SCHEMA_VERSION = "1.2"  # 1.1: ``variant`` column in runs.csv and leaderboard.csv; 1.2: ``base_model_hash``
 SCORE_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence", "sequence_id", "seed", "status",
                  "stage", "stage_task", "task", "task_group", "metric", "value", "n_examples", "eval_batch_size"]
 ROUTING_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence_id", "seed", "stage",

@@ -91,7 +91,7 @@ def run_joint(plan: Any, seed: int, base_path: Path | None, out_dir: Path, accel
         try:
             runner.seed_everything(seed)
             model, tok = load_base(cfg.model, base_path)
-            base_hash = model_hash(model)
+            base_hash = rec["base_model_hash"] = model_hash(model)
             model.to(accelerator.device)
             prepare_for_training(model, cfg.train.gradient_checkpointing)
             base = runner.base_evaluation(plan, model, tok, base_hash, out_dir)

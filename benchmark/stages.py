@@ -155,7 +155,7 @@ def _stage_loop(plan: Plan, method_name: str, seed: int, rid: str, base_path: Pa
     rec["failed_stage"] = 0  # 0 = before the first stage; updated as stages start
     seed_everything(seed)
     model, tok = load_base(cfg.model, base_path)
-    base_hash = model_hash(model)  # before moving it: hashes CPU tensors
+    base_hash = rec["base_model_hash"] = model_hash(model)  # before moving it: hashes CPU tensors
     model.to(accelerator.device)
     prepare_for_training(model, cfg.train.gradient_checkpointing)
     base = base_evaluation(plan, model, tok, base_hash, out_dir)

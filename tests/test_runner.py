@@ -32,6 +32,7 @@ def test_run_writes_records_scores_and_leaderboard(tmp_path, cache_dir):
     # stage 0 is shared: both methods start from the identical base row
     other = json.loads(runs[0].read_text())
     assert other["R"][0] == rec["R"][0] and other["G"][0] == rec["G"][0]
+    assert len(rec["base_model_hash"]) == 64 and other["base_model_hash"] == rec["base_model_hash"]
     assert len(list((out / "cache").glob("base-eval-*.json"))) == 1
 
     scores = pd.read_csv(out / "scores.csv")
@@ -65,3 +66,24 @@ def test_ablation_shares_a_folder_with_the_default_run(tmp_path, cache_dir):
     explicit = make_plan(make_config({"methods": ["lora", "hilo"]}, ["methods.lora.r=8", "methods.hilo.ranks=2468"]))
     assert run_id(explicit, "lora", 0) == "lora--tiny-world--tiny-world--seed0"
     assert run_id(explicit, "hilo", 2) == "hilo--tiny-world--tiny-world--seed2"
+
+
+def test_pretraining_runs_at_the_recipes_thread_count(tmp_path, monkeypatch):
+    """CPU results move with the thread count: the base is built at the recipe's, whatever the caller uses."""
+    import torch
+
+    from benchmark import models
+    from benchmark.config import PretrainConfig
+
+    seen = []
+    monkeypatch.setattr(models, "_pretrain", lambda cfg, specs, out, quiet: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        models.pretrain_tinyworld(PretrainConfig(), [], tmp_path)
+        models.pretrain_tinyworld(PretrainConfig(num_threads=3), [], tmp_path)
+        assert seen == [1, 3] and torch.get_num_threads() == 2, "pinned while pretraining, restored after"
+    finally:
+        torch.set_num_threads(before)
+    # the thread count is part of the recipe, hence of the cache key
+    assert models.recipe_hash(PretrainConfig(), []) != models.recipe_hash(PretrainConfig(num_threads=2), [])
