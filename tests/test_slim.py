@@ -17,7 +17,7 @@ from benchmark.errors import UserError
 from methods import METHODS
 from methods.moe_lora import collect_aux, moe_layers, routing_context
 from methods.slim import DynamicMerging, Slim, SlimConfig, l1_penalty, make_slim_layer, update_clusters
-from methods.slim.clustering import nearest
+from methods.slim.clustering import SlidingClusters, max_ratio, nearest
 from methods.slim.model import set_tracking, slim_diagnostics
 
 
@@ -177,6 +177,24 @@ def test_nearest_cluster_metrics_differ_and_random_init_is_ready_at_wrap():
     before = [s.centres.clone() for s in states]
     train_steps(method, model, steps=1)
     assert all(not torch.equal(b, s.centres) for b, s in zip(before, states))
+
+
+def test_cluster_sums_skip_padding_exactly_as_the_real_tokens_alone():
+    """Padding tokens are routed to a spare row instead of being copied out: the sums must equal, bit for bit,
+    those of the real tokens alone (the clustering update, and thus every SLIM result, depends on them)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 16, generator=g) * 3
+    real = torch.rand(300, generator=g) > 0.4
+    a, b = (SlidingClusters(16, 4, 0.05, "mahalanobis", 1e-4, "data", 5, 1.0, True, 5.0) for _ in range(2))
+    for s in (a, b):
+        s.centres.copy_(torch.randn(4, 16, generator=torch.Generator().manual_seed(0)))
+        s.initialised.fill_(True)
+    idx, r, delta = a.ratios(x)
+    assert torch.equal(r, max_ratio(x, idx, a.centres, a.std())) and torch.equal(delta, x - a.centres[idx])
+    a.observe(x, idx, r, delta=delta, real=real)
+    b.observe(x[real], idx[real], r[real])  # compacted, delta recomputed
+    assert torch.equal(a.pending(), b.pending())
+    assert float(a.pending()[-1]) == int(real.sum())  # the token count of the ratio calibration
 
 
 def test_gradient_checkpoint_recompute_counts_tokens_once():

@@ -34,13 +34,20 @@ def nearest(x: torch.Tensor, centres: torch.Tensor, var: torch.Tensor, metric: s
         w = torch.ones_like(var)
     else:
         w = var.reciprocal()
-    d2 = (x * x) @ w.t() - 2.0 * x @ (centres * w).t() + (centres * centres * w).sum(-1)
+    # the factor 2 scales the small (M, C) operand, not x: exact either way (a power of two), one (T, C) pass less
+    d2 = (x * x) @ w.t() - x @ (2.0 * (centres * w)).t() + (centres * centres * w).sum(-1)
     return d2.argmin(dim=-1)
 
 
 def max_ratio(x: torch.Tensor, idx: torch.Tensor, centres: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """SLIM's per-token ratio ``max_channel |x - c_idx| / sigma_idx`` (T,)."""
-    return ((x - centres[idx]).abs() / std[idx]).amax(dim=-1)
+    return ratio_of(x - centres[idx], idx, std)
+
+
+def ratio_of(delta: torch.Tensor, idx: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """:func:`max_ratio` from ``delta = x - c_idx``, which is left intact (the cluster update reuses it)."""
+    # in place on the one new (T, C) buffer: on CPU every fresh buffer of this size costs page faults
+    return delta.abs().div_(std[idx]).amax(dim=-1)
 
 
 @torch.no_grad()
@@ -106,11 +113,14 @@ class SlidingClusters(nn.Module):
         return self.var.float().sqrt().clamp_min(self.min_std)
 
     @torch.no_grad()
-    def ratios(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(idx, r)``: nearest cluster and ``max_c |x - c_idx| / sigma_idx`` of fp32 tokens ``x`` (T, C)."""
+    def ratios(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(idx, r, delta)`` of fp32 tokens ``x`` (T, C): nearest cluster, ``max_c |x - c_idx| / sigma_idx`` and
+        ``delta = x - c_idx`` (for :meth:`observe`)."""
         c, v = self.centres.float(), self.var.float()
         idx = nearest(x, c, v, self.metric)
-        return idx, max_ratio(x, idx, c, self.std())
+        g = c[idx]
+        delta = torch.sub(x, g, out=g)  # x - c_idx, written over the gathered centres (one (T, C) buffer less)
+        return idx, ratio_of(delta, idx, self.std()), delta
 
     def distance(self, r: torch.Tensor) -> torch.Tensor:
         """The yielding distance ``d`` from the ratio: ``r - 1`` (paper) or ``r / ratio - 1`` (calibrated)."""
@@ -118,20 +128,32 @@ class SlidingClusters(nn.Module):
 
     # -- training-time collection ---------------------------------------------------------------------------
     @torch.no_grad()
-    def observe(self, x: torch.Tensor, idx: torch.Tensor | None, r: torch.Tensor | None) -> None:
-        """Collect the real tokens ``x`` (T, C) of a training forward (the candidate init before initialisation)."""
-        if x.shape[0] == 0:
-            return
+    def observe(self, x: torch.Tensor, idx: torch.Tensor | None = None, r: torch.Tensor | None = None,
+                delta: torch.Tensor | None = None, real: torch.Tensor | None = None) -> None:
+        """Collect the tokens ``x`` (T, C) of a training forward (the candidate init before initialisation).
+
+        ``idx``/``r``/``delta`` come from :meth:`ratios` (``delta`` is recomputed when not given); ``real`` (T,)
+        bool marks the non-padding tokens (None: all real): only those are collected.
+        """
         if not bool(self.initialised):
-            if self.init == "data" and self._candidate is None:
+            x = x if real is None else x[real]
+            if x.shape[0] and self.init == "data" and self._candidate is None:
                 c, v = kmeans_init(x, self.n_clusters, self.init_iters, self.min_std)
                 self._candidate = (c, v, max_ratio(x, nearest(x, c, v, self.metric), c,
                                                    v.sqrt().clamp_min(self.min_std)).mean())
             return
         m, cdim = self.n_clusters, self.dim
-        delta = x - self.centres.float()[idx]
-        rows = torch.cat([delta, delta * delta, torch.ones_like(delta[:, :1])], dim=1)  # (T, 2C + 1)
-        sums = torch.zeros(m, 2 * cdim + 1, device=x.device, dtype=torch.float32).index_add_(0, idx, rows)
+        if delta is None:
+            delta = x - self.centres.float()[idx]
+        # padding tokens go to a spare row m that is dropped: no (T, C) copies of the real tokens, and each
+        # cluster still sums its tokens in token order, so the sums equal those of the compacted tokens
+        slot = idx if real is None else torch.where(real, idx, m)
+        zeros = lambda: torch.zeros(m + 1, cdim, device=x.device, dtype=torch.float32)  # noqa: E731
+        sum_d = zeros().index_add_(0, slot, delta)
+        sum_d2 = zeros().index_add_(0, slot, delta * delta)
+        count = torch.bincount(slot, minlength=m + 1).to(torch.float32)
+        sums = torch.cat([sum_d[:m], sum_d2[:m], count[:m, None]], dim=1)  # (M, 2C + 1)
+        r = r if real is None else r[real]
         extra = torch.stack([r.sum(), torch.tensor(float(r.numel()), device=x.device)])
         vec = torch.cat([sums.flatten(), extra])
         self._pending = vec if self._pending is None else self._pending + vec

@@ -36,12 +36,11 @@ def weight_yielding(logits: torch.Tensor, x: torch.Tensor, layer: MoELoRALinear)
     collect = layer.training and not is_recomputing()
     if not bool(st.initialised):
         if collect:
-            st.observe(xf if real is None else xf[real], None, None)
+            st.observe(xf, real=real)
         return logits
-    idx, r = st.ratios(xf)
+    idx, r, delta = st.ratios(xf)
     if collect:
-        sel = slice(None) if real is None else real
-        st.observe(xf[sel], idx[sel], r[sel])
+        st.observe(xf, idx, r, delta=delta, real=real)
     d = st.distance(r)
     s = d.clamp(min=0.0, max=st.clip)
     if layer.track_stats and not is_recomputing():
