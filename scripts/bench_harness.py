@@ -1,8 +1,8 @@
 """Harness overhead of a real default run: the share of wall time outside training steps and evaluation forwards.
 
-Runs ``python -m benchmark run --methods lora --seeds 0`` (tiny-world, base model cached; built first if missing,
-outside the measurement) in a child process instrumented by ``scripts/harness_probe.py``, and splits the
-child's wall time (interpreter start-up included) into
+Runs the default command, ``python -m benchmark run --seeds 0`` (methods full_ft,lora; tiny-world, base model
+cached; built first if missing, outside the measurement; ``--methods`` runs others) in a child process
+instrumented by ``scripts/harness_probe.py``, and splits the child's wall time (interpreter start-up included) into
 
   work      the training step loops (forward, backward, optimiser; batch collation counted as overhead) and the
             model calls lm-eval makes while evaluating (log-likelihood forwards and generation)
@@ -14,8 +14,8 @@ Goal (issue 9): overhead <= 10 % of the wall time. Then the caches are shown at 
 pretraining and the base-model evaluation are reused, not recomputed; ``--cache-demo rerun`` repeats the command
 with ``--force``: every evaluation, the stage ones included, comes from the cache (slower: it retrains).
 
-Usage: python scripts/bench_harness.py [--methods lora] [--set KEY=VALUE ...] [--cache-demo next-seed|rerun|none]
-       [--quick].
+Usage: python scripts/bench_harness.py [--methods full_ft,lora] [--set KEY=VALUE ...]
+       [--cache-demo next-seed|rerun|none] [--quick].
 Writes results/bench/harness.json.
 """
 
@@ -72,7 +72,7 @@ def split(d: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="lora")
+    ap.add_argument("--methods", default=None, help="default: the run command's own (full_ft,lora)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the run")
     ap.add_argument("--cache-demo", choices=["next-seed", "rerun", "none"], default="next-seed",
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(out_dir)
 
     def command(seeds: str, extra: list[str]) -> list[str]:
-        cli = ["run", "--methods", a.methods, "--seeds", seeds, "--output", str(out_dir)]
+        cli = ["run", *(["--methods", a.methods] if a.methods else []), "--seeds", seeds, "--output", str(out_dir)]
         for s in sets + extra:
             cli += ["--set", s]
         return cli

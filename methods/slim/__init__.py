@@ -64,7 +64,13 @@ of them and yields 63 % of their routing mass to identity experts. Calibrated (`
 training tokens average d = 0.0 (45 % slightly positive, 7 % identity mass), general-fact tokens d = 3.7 (97 %
 identity mass), other tasks' tokens d = 2.4-2.7 (86-94 %).
 
-What moved what on tiny-world (seed 0, single runs: differences of a few points are within seed noise). Probes of
+Published tiny-world results (``results/tiny-world``, 3 seeds, mean +- std, points): slim final_avg 16.2 +- 0.8,
+general_delta -15.5 +- 2.1 -- the least general forgetting of the five methods (loramoe 20.4 / -18.3 +- 0.8, hilo
+18.4 / -20.9 +- 5.8, lora 17.1 / -35.0 +- 5.5, full_ft 32.6 / -63.3 +- 2.6), as the paper reports, but with a
+downstream score below LoRAMoE's and about LoRA's.
+
+What moved what on tiny-world (seed 0, single runs: differences of a few points are within seed noise; measured on
+the earlier tiny-world base, general_base 99.1, built before ``model.pretrain.num_threads`` pinned it). Probes of
 400 addition steps (add test loss; rise of the general-fact LM loss over the base): identity experts + yielding are
 the forgetting lever -- without them the fact loss rises +0.25 instead of +0.03 at the same add loss. Dynamic
 merging with the DARE rescale costs learning (add loss 0.83 at p=0, 1.04 at p=0.1, 1.11 at p=0.3) without a
