@@ -15,7 +15,7 @@ from torch import nn
 from benchmark.config import make_config
 from benchmark.errors import UserError
 from methods import METHODS
-from methods.moe_lora import collect_aux, moe_layers, routing_context
+from methods.moe_lora import collect_aux, moe_layers, routing_context, trainable_state
 from methods.slim import DynamicMerging, Slim, SlimConfig, l1_penalty, make_slim_layer, update_clusters
 from methods.slim.clustering import SlidingClusters, max_ratio, nearest
 from methods.slim.model import set_tracking, slim_diagnostics
@@ -195,6 +195,44 @@ def test_cluster_sums_skip_padding_exactly_as_the_real_tokens_alone():
     b.observe(x[real], idx[real], r[real])  # compacted, delta recomputed
     assert torch.equal(a.pending(), b.pending())
     assert float(a.pending()[-1]) == int(real.sum())  # the token count of the ratio calibration
+
+
+def test_linears_reading_one_input_share_the_clustering_work_exactly():
+    """gate_proj and up_proj read the same tensor: the second reuses the first's distances and cluster sums. The
+    result must be bit-identical to computing both (states, losses, logits), and a twin whose state differs
+    (random initialisation) must not reuse anything."""
+    from methods.slim.clustering import SlidingClusters
+
+    def run(link: bool, **cfg):
+        method = Slim(SlimConfig(attention=True, **cfg))
+        model = method.wrap(tiny_llama())
+        layers = dict(moe_layers(model))
+        if not link:
+            for layer in layers.values():
+                layer.slim_clusters.twins = []
+        calls = []
+        original = SlidingClusters.ratios
+        SlidingClusters.ratios = lambda self, x: calls.append(1) or original(self, x)
+        try:
+            train_steps(method, model, steps=3)
+            with torch.no_grad():
+                logits = model(input_ids=ids()).logits
+        finally:
+            SlidingClusters.ratios = original
+        return model, layers, logits, len(calls)
+
+    linked, layers, logits, n_linked = run(True)
+    alone, _, logits_alone, n_alone = run(False)
+    assert torch.equal(logits, logits_alone)
+    state, state_alone = trainable_state(linked), trainable_state(alone)
+    assert state.keys() == state_alone.keys() and all(torch.equal(state[k], state_alone[k]) for k in state)
+    # per decoder layer: q/k/v share one computation, gate/up one, o and down their own -> 4 of 7
+    # 7 linears x 2 decoder layers x 3 forwards (the first step only initialises the clusters; + 1 evaluation)
+    assert n_alone == 7 * 2 * 3 and n_linked == 4 * 2 * 3
+    g, u = (layers[f"model.layers.0.mlp.{n}"].slim_clusters for n in ("gate_proj", "up_proj"))
+    assert g.twins == [u] and u.twins == [g] and g.same_state(u)
+    *_, n_random = run(True, cluster_init="random")
+    assert n_random == 7 * 2 * 4, "random centres differ between twins: each computes its own (from step 1)"
 
 
 def test_gradient_checkpoint_recompute_counts_tokens_once():

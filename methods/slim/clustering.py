@@ -20,6 +20,8 @@ lagging centre. Clusters that receive no token this step are left unchanged.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -98,6 +100,10 @@ class SlidingClusters(nn.Module):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool, device=device))
         self._pending: torch.Tensor | None = None  # (M, 2C + 1) sums of this step + ratio sum/count
         self._candidate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # data init, this rank
+        # siblings that read the same input (gate_proj/up_proj): see :meth:`from_twin`; a plain list, so they are
+        # not submodules and the state dict is unchanged
+        self.twins: list[SlidingClusters] = []
+        self._last: tuple | None = None  # (weakref to the input, its version, this forward's results)
         self.reset_yield_stats()
         if init == "random":  # the paper's choice; the global RNG is seeded identically on every rank
             with torch.no_grad():
@@ -142,6 +148,13 @@ class SlidingClusters(nn.Module):
                 self._candidate = (c, v, max_ratio(x, nearest(x, c, v, self.metric), c,
                                                    v.sqrt().clamp_min(self.min_std)).mean())
             return
+        vec = self.sums(x, idx, r, delta, real)
+        self.add_pending(vec)
+
+    @torch.no_grad()
+    def sums(self, x: torch.Tensor, idx: torch.Tensor, r: torch.Tensor, delta: torch.Tensor | None = None,
+             real: torch.Tensor | None = None) -> torch.Tensor:
+        """This forward's flat per-cluster sums (see :meth:`observe`): ``(M * (2C + 1) + 2,)``."""
         m, cdim = self.n_clusters, self.dim
         if delta is None:
             delta = x - self.centres.float()[idx]
@@ -155,8 +168,34 @@ class SlidingClusters(nn.Module):
         sums = torch.cat([sum_d[:m], sum_d2[:m], count[:m, None]], dim=1)  # (M, 2C + 1)
         r = r if real is None else r[real]
         extra = torch.stack([r.sum(), torch.tensor(float(r.numel()), device=x.device)])
-        vec = torch.cat([sums.flatten(), extra])
+        return torch.cat([sums.flatten(), extra])
+
+    def add_pending(self, vec: torch.Tensor) -> None:
         self._pending = vec if self._pending is None else self._pending + vec
+
+    # -- reuse between linears that read the same input ----------------------------------------------------------
+    def remember(self, x: torch.Tensor, results: tuple) -> None:
+        """Keep this forward's results for the twins (weakly: a freed input can never match a new one)."""
+        if self.twins:
+            self._last = (weakref.ref(x), x._version, results)
+
+    def from_twin(self, x: torch.Tensor) -> tuple | None:
+        """The results a twin computed for this very input tensor, if its clustering state equals this one's.
+
+        Linears that read the same tensor (a Llama MLP's gate_proj and up_proj) see the same tokens from the first
+        step on, so with the data initialisation their clusters stay bitwise equal and the distance and cluster
+        sums need computing once. The state is compared (M x C values: cheap next to the (T, C) passes saved),
+        so reuse is exact whenever it happens, and a twin whose state differs simply computes its own.
+        """
+        for t in self.twins:
+            last = t._last
+            if last is not None and last[0]() is x and last[1] == x._version and self.same_state(t):
+                return last[2]
+        return None
+
+    def same_state(self, other: SlidingClusters) -> bool:
+        return (bool(self.initialised) and bool(other.initialised) and torch.equal(self.centres, other.centres)
+                and torch.equal(self.var, other.var) and torch.equal(self.ratio, other.ratio))
 
     def pending(self) -> torch.Tensor:
         """This step's flat sums (zeros when this process saw no training token)."""

@@ -38,11 +38,19 @@ def weight_yielding(logits: torch.Tensor, x: torch.Tensor, layer: MoELoRALinear)
         if collect:
             st.observe(xf, real=real)
         return logits
-    idx, r, delta = st.ratios(xf)
-    if collect:
-        st.observe(xf, idx, r, delta=delta, real=real)
-    d = st.distance(r)
-    s = d.clamp(min=0.0, max=st.clip)
+    shared = st.from_twin(x)
+    if shared is not None and shared[0] == collect:  # a twin linear read this same input: reuse its work
+        _, d, s, vec = shared
+        if collect:
+            st.add_pending(vec)
+    else:
+        idx, r, delta = st.ratios(xf)
+        vec = st.sums(xf, idx, r, delta, real) if collect else None
+        if collect:
+            st.add_pending(vec)
+        d = st.distance(r)
+        s = d.clamp(min=0.0, max=st.clip)
+        st.remember(x, (collect, d, s, vec))
     if layer.track_stats and not is_recomputing():
         st.track(d if real is None else d[real], s if real is None else s[real])
     if st.gamma == 0.0:
@@ -65,6 +73,27 @@ def make_slim_layer(base: nn.Linear, cfg: SlimConfig, mask_seed: int) -> MoELoRA
     layer.slim_merge = DynamicMerging(cfg.mask_ratio, cfg.mask_rescale, cfg.mask_phase, cfg.eval_mask, mask_seed,
                                       device=device)
     return layer
+
+
+# linears that read one input tensor in Llama-style blocks (Mistral, Qwen, ... use the same names)
+SAME_INPUT = (("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"))
+
+
+def link_twins(model: nn.Module, names: list[str]) -> None:
+    """Make the clustering states of sibling linears that read the same input twins of each other.
+
+    Only a candidate set: :meth:`SlidingClusters.from_twin` reuses a twin's work only for the very same input
+    tensor and a bitwise-equal state, so a wrong guess costs a comparison, never a result.
+    """
+    groups: dict[tuple[str, int], list[SlidingClusters]] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        for g, group in enumerate(SAME_INPUT):
+            if leaf in group:
+                groups.setdefault((parent, g), []).append(model.get_submodule(name).slim_clusters)
+    for states in groups.values():
+        for st in states:
+            st.twins = [t for t in states if t is not st]
 
 
 def layer_seed(base_seed: int, index: int) -> int:
