@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every performance benchmark of issue 9, one after another; each prints its ratios and writes
-# results/bench/<name>.json. About 5 minutes on 2 quiet CPU cores (the tiny-world base model cached).
+# results/bench/<name>.json. About 5-6 minutes on 2 quiet CPU cores (the tiny-world base model cached).
 #
 #   scripts/bench_all.sh            # CPU, fp32
 #   scripts/bench_all.sh --gpu      # CUDA, bf16 where a script supports it
