@@ -41,16 +41,14 @@ def weight_yielding(logits: torch.Tensor, x: torch.Tensor, layer: MoELoRALinear)
     shared = st.from_twin(x)
     if shared is not None and shared[0] == collect:  # a twin linear read this same input: reuse its work
         _, d, s, vec = shared
-        if collect:
-            st.add_pending(vec)
     else:
         idx, r, delta = st.ratios(xf)
         vec = st.sums(xf, idx, r, delta, real) if collect else None
-        if collect:
-            st.add_pending(vec)
         d = st.distance(r)
         s = d.clamp(min=0.0, max=st.clip)
         st.remember(x, (collect, d, s, vec))
+    if vec is not None:
+        st.add_pending(vec)
     if layer.track_stats and not is_recomputing():
         st.track(d if real is None else d[real], s if real is None else s[real])
     if st.gamma == 0.0:
