@@ -1,7 +1,7 @@
-"""Training examples from task specs: the same Jinja templates lm-eval renders, tokenised the same way.
+"""Training examples from task specs: the same Jinja templates lm-eval renders, tokenised as lm-eval scores them.
 
-The context is encoded on its own (no special tokens, as lm-eval's HFLM does for causal models) and the answer
-(delimiter + target + EOS) after it, so the model is trained on exactly the token boundary it is tested on.
+Context and answer ids come from :mod:`benchmark.tokens` (lm-eval's BOS policy and its split of the joint
+encoding), so the model is trained on exactly the tokens and the boundary it is tested on.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from benchmark import tokens
 from tasks.base import TaskSpec
 
 KIND_TO_TYPE = {"knowledge": 1, "skill": 0}  # LoRAMoE task types: 1 = world knowledge
@@ -50,52 +51,48 @@ def answer_text(spec: TaskSpec, record: dict[str, Any]) -> str:
     return target
 
 
-def chat_prompt(tokenizer: Any, prompt: str, answer: str | None = None) -> str:
-    """The prompt (and answer) in the tokenizer's chat format, as lm-eval's ``apply_chat_template`` builds it."""
-    messages = [{"role": "user", "content": prompt}]
-    if answer is None:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
-
-
 def encode_example(spec: TaskSpec, record: dict[str, Any], tokenizer: Any, max_len: int,
                    chat: bool = False) -> Example:
     """Tokenise one record: loss on the answer only (``answer``) or on the whole text (``full``).
 
-    With ``chat`` the prompt is wrapped in the tokenizer's chat template and the answer is the assistant turn
-    (with the template's end-of-turn marker, no delimiter), matching lm-eval's ``apply_chat_template`` contexts.
+    The context and answer ids are those lm-eval scores (:mod:`benchmark.tokens`): a multiple-choice answer is
+    the continuation of its log-likelihood request, a generative answer continues the generation context. The
+    answer ends with EOS, or with ``chat`` with the template's end-of-turn marker (the prompt is then the user turn
+    and the answer the assistant turn, as lm-eval's ``apply_chat_template`` builds them).
     """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     task_type = KIND_TO_TYPE[spec.kind]
     if spec.train_format == "full":
         text = record.get("text") or (render(spec.prompt, record) + spec.target_delimiter
                                       + render(spec.target, record))
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
-        ids = ids[:max_len]
+        ids = (tokens.encode_string(tokenizer, text) + eos)[:max_len]
         return Example(ids, list(ids), task_type)
     prompt, answer = render(spec.prompt, record), answer_text(spec, record)
+    end = eos
     if chat:
-        context = chat_prompt(tokenizer, prompt)
-        full = chat_prompt(tokenizer, prompt, answer)
-        # the assistant turn is what the template adds after the generation prompt; fall back to answer + EOS
-        answer_part = full[len(context):] if full.startswith(context) else None
-        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-        ans = (tokenizer(answer_part, add_special_tokens=False)["input_ids"] if answer_part
-               else tokenizer(answer, add_special_tokens=False)["input_ids"] + eos)
+        # lm-eval drops the target delimiter under a chat template: the answer starts the assistant turn
+        context, continuation = tokens.chat_context(tokenizer, prompt), answer
+        tail = tokens.chat_turn_end(tokenizer, prompt, answer)
+        if tail is not None:
+            end = tokenizer.encode(tail, add_special_tokens=False)
     else:
-        ctx = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ans = tokenizer(spec.target_delimiter + answer, add_special_tokens=False)["input_ids"] + eos
+        context, continuation = prompt, spec.target_delimiter + answer
+    if spec.output_type == "multiple_choice":
+        ctx, ans = tokens.encode_pair(tokenizer, context, continuation)
+    else:
+        ctx, ans = tokens.encode_generation_pair(tokenizer, context, continuation)
+    ans = ans + end
     ids = (ctx + ans)[-max_len:]  # keep the answer when truncating
     labels = ([-100] * len(ctx) + ans)[-max_len:]
     return Example(ids, labels, task_type)
 
 
 def encode_texts(texts: list[str], tokenizer: Any, max_len: int, task_type: int = 1) -> list[Example]:
-    """Plain language-modelling examples (pretraining corpus)."""
+    """Plain language-modelling examples (pretraining corpus), each encoded as lm-eval encodes a string."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
     for t in texts:
-        ids = (tokenizer(t, add_special_tokens=False)["input_ids"] + eos)[:max_len]
+        ids = (tokens.encode_string(tokenizer, t) + eos)[:max_len]
         out.append(Example(ids, list(ids), task_type))
     return out
 

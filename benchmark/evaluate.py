@@ -271,13 +271,16 @@ def _memo_hflm_class() -> type:
     class MemoHFLM(HFLM):
         def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                        left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
+            # keywords, not positions: lm-eval has reordered these parameters between releases
             if kwargs:
-                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+                return super().tok_encode(string, add_special_tokens=add_special_tokens,
+                                          left_truncate_len=left_truncate_len, **kwargs)
             memo = _TOKEN_MEMO.setdefault(self.tokenizer, {})
             key = (string, add_special_tokens, left_truncate_len, self.add_bos_token, len(self.tokenizer))
             ids = memo.get(key)
             if ids is None:
-                ids = super().tok_encode(string, add_special_tokens, left_truncate_len)
+                ids = super().tok_encode(string, add_special_tokens=add_special_tokens,
+                                         left_truncate_len=left_truncate_len)
                 if len(memo) < _TOKEN_MEMO_MAX:  # bounded: large suites (e.g. 5-shot MMLU) keep their memory
                     memo[key] = ids
             return list(ids)
