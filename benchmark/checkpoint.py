@@ -45,14 +45,29 @@ _STAGE_PREFIX = "stage-"
 
 # -- what determines a run's numbers --------------------------------------------------------------------
 def result_inputs(config: dict[str, Any], method: str, method_config: dict[str, Any], sequence_id: str,
-                  seed: int) -> dict[str, Any]:
+                  seed: int, precision: str | None) -> dict[str, Any]:
     """The settings a run's numbers depend on (not where it is written, nor which other runs share the sweep).
 
     Used to refuse resuming, or skipping as done, a run whose settings changed since its checkpoint or record.
-    The thread count is checked separately (see :func:`thread_mismatch`).
+    ``precision`` is the resolved policy (``train.precision: auto`` means different things on a CPU and a GPU),
+    so it replaces the configured value. The thread count is checked separately (see :func:`thread_mismatch`).
     """
-    return {"model": config.get("model"), "train": config.get("train"), "eval": config.get("eval"),
+    train = config.get("train")
+    if isinstance(train, dict):
+        train = {k: v for k, v in train.items() if k != "precision"}
+    return {"model": config.get("model"), "train": train, "eval": config.get("eval"), "precision": precision,
             "sequence_id": sequence_id, "method": method, "method_config": method_config, "seed": seed}
+
+
+def record_precision(rec: dict[str, Any]) -> str | None:
+    """The precision policy a run record was made with.
+
+    Records before schema 1.3 do not name it: on a CPU they were fp32 throughout; on a GPU the methods' dtypes
+    differed (the reason for the policy), so such a record matches no policy (None).
+    """
+    if "precision" in rec:
+        return rec["precision"]
+    return "fp32" if (rec.get("env") or {}).get("device") == "cpu" else None
 
 
 def first_difference(old: Any, new: Any, path: str = "") -> str | None:

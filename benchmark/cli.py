@@ -95,13 +95,15 @@ def _needs_network(args: argparse.Namespace, base: dict[str, Any]) -> bool:
     return bool(name) and name != "tiny-world" and not Path(name).expanduser().exists()
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.config import load_yaml, make_config
+def run_config(args: argparse.Namespace) -> Any:
+    """The :class:`~benchmark.config.ExperimentConfig` of ``run``: defaults <- ``--config`` <- flags <- ``--set``.
 
-    base: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    if not _needs_network(args, base):
-        for k, v in OFFLINE_VARS.items():
-            os.environ.setdefault(k, v)
+    ``--methods`` selects which methods run; the options a config file gives them are kept.
+    """
+    from benchmark.config import load_yaml, make_config, normalise
+
+    # normalised first: a file's ``methods: {lora: {r: 16}}`` becomes method_options, which --methods keeps
+    base: dict[str, Any] = normalise(load_yaml(args.config)) if args.config else {}
     if args.methods is not None:
         base["methods"] = args.methods
     if args.seeds is not None:
@@ -119,7 +121,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         base["model"] = model
     if args.limit is not None:
         base.setdefault("eval", {})["limit"] = args.limit
-    cfg = make_config(base, args.set)
+    return make_config(base, args.set)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from benchmark.config import load_yaml
+
+    if not _needs_network(args, load_yaml(args.config) if args.config else {}):
+        for k, v in OFFLINE_VARS.items():
+            os.environ.setdefault(k, v)
+    cfg = run_config(args)
     from benchmark.prepare import configure_data_env
 
     configure_data_env(cfg.data_dir, cfg.data_roots)  # before anything imports `datasets`

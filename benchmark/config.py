@@ -64,7 +64,7 @@ class ModelConfig:
     """Base model: ``tiny-world`` (built and cached locally) or a Hugging Face hub id / local path."""
 
     name: str = TINY_WORLD
-    dtype: str = "auto"  # auto: bf16 on a GPU with bf16 support, fp32 otherwise
+    dtype: str = "auto"  # storage of the base weights; auto: as train.precision says (fp32 for fp32, else bf16)
     trust_remote_code: bool = False
     revision: str | None = None  # hub revision (branch, tag or commit) of a hub model
     chat_template: bool = False  # instruction models: wrap prompts in the tokenizer's chat template (train + eval)
@@ -90,8 +90,14 @@ class TrainConfig:
     steps_scale: float = 1.0
     max_steps: int | None = None
     gradient_checkpointing: bool = False
+    # auto: bf16-mixed on a GPU with bf16, fp32 otherwise (benchmark/precision.py); the same for every method
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        from benchmark.precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise UserError(f"invalid train.precision: {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         for k in ("lr", "batch_size", "grad_accum", "max_seq_len", "steps_scale"):
             _positive(f"train.{k}", getattr(self, k))
         for k in ("warmup_steps", "weight_decay", "grad_clip"):
@@ -144,6 +150,12 @@ class ExperimentConfig:
                 raise UserError(f"invalid seed: {s!r} (must be a non-negative integer)")
         if self.num_threads is not None:
             _positive("num_threads", self.num_threads)
+        from benchmark.precision import check_precision
+
+        try:
+            check_precision(self.train.precision, self.model.dtype)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
         from benchmark.reference import check_reference
 
         check_reference(self.reference)
@@ -253,6 +265,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file not found: {str(p)!r}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {str(p)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                        f"{exc.start}); a config is a YAML file") from exc
     except yaml.YAMLError as exc:
         raise UserError(f"invalid YAML in {str(p)!r}: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):

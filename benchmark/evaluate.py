@@ -214,7 +214,9 @@ def evaluate(
 
     t0 = time.perf_counter()
     was_training = model.training
-    lm = _memo_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    # add_bos_token unset: the tokenizer's own BOS policy, the rule training follows (benchmark/tokens.py)
+    lm = _memo_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                            add_bos_token=None)
     builtin = [t[len(LM_EVAL_PREFIX):] if t.startswith(LM_EVAL_PREFIX) else t for t in (lm_eval_tasks or [])]
     metric_of = {(k[len(LM_EVAL_PREFIX):] if k.startswith(LM_EVAL_PREFIX) else k): v
                  for k, v in (metrics or {}).items()}

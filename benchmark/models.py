@@ -102,7 +102,9 @@ def _pretrain(cfg: PretrainConfig, general_specs: list[Any], out_dir: Path, quie
     )
     model = LlamaForCausalLM(mcfg)
     examples = encode_texts(_corpus(), tok, max_len=64)
-    train_cfg = TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, scheduler="constant", warmup_steps=cfg.warmup_steps)
+    # fp32 on any device: the recipe (and its cache key) fixes the base, whatever a run's precision policy
+    train_cfg = TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, scheduler="constant", warmup_steps=cfg.warmup_steps,
+                            precision="fp32")
     history: list[dict[str, float]] = []
 
     def reached(step: int) -> bool:
@@ -150,15 +152,15 @@ def tinyworld_path(cfg: PretrainConfig, general_specs: list[Any], quiet: bool = 
     return final
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
+def load_base(cfg: ModelConfig, path: str | Path | None = None, precision: str = "auto") -> tuple[Any, Any]:
+    """Load (model, tokenizer) from ``path`` (tiny-world cache) or ``cfg.name`` (hub id / local dir).
 
-
-def load_base(cfg: ModelConfig, path: str | Path | None = None) -> tuple[Any, Any]:
-    """Load (model, tokenizer) from ``path`` (tiny-world cache) or ``cfg.name`` (hub id / local dir)."""
+    The weights are stored as ``train.precision`` (``precision``, resolved here when ``auto``) and ``cfg.dtype``
+    say: :func:`benchmark.precision.load_dtype`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmark.precision import load_dtype, resolve_precision
 
     src = str(path if path is not None else cfg.name)
     if path is None and cfg.name != TINY_WORLD and (cfg.name.startswith((".", "/", "~")) and not Path(cfg.name).exists()):
@@ -166,7 +168,8 @@ def load_base(cfg: ModelConfig, path: str | Path | None = None) -> tuple[Any, An
     revision = cfg.revision if path is None else None
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=resolve_dtype(cfg.dtype), revision=revision,
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=load_dtype(resolve_precision(precision), cfg.dtype),
+                                                     revision=revision,
                                                      trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
         raise UserError(f"cannot load model {src!r}: {str(exc).splitlines()[0]}") from exc

@@ -20,7 +20,8 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1.2"  # 1.1: ``variant`` column in runs.csv and leaderboard.csv; 1.2: ``base_model_hash``
+SCHEMA_VERSION = "1.3"  # 1.1: ``variant`` column in runs.csv and leaderboard.csv; 1.2: ``base_model_hash``;
+# 1.3: ``precision`` (the resolved train.precision policy)
 SCORE_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence", "sequence_id", "seed", "status",
                  "stage", "stage_task", "task", "task_group", "metric", "value", "n_examples", "eval_batch_size"]
 ROUTING_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence_id", "seed", "stage",
@@ -84,13 +85,16 @@ def environment() -> dict[str, Any]:
     import torch
 
     versions = {}
-    for pkg in ("torch", "transformers", "peft", "lm_eval", "datasets", "accelerate", "forgetbench"):
+    for pkg in ("torch", "transformers", "peft", "lm_eval", "datasets", "accelerate", "tokenizers", "numpy",
+                "forgetbench"):
         try:
             versions[pkg] = metadata.version(pkg.replace("_", "-"))
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),
             "torch_threads": torch.get_num_threads(),
+            # CPU kernels are chosen by instruction set (AVX2, AVX512, ...): their float sums can differ
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 

@@ -37,12 +37,12 @@ def check_reference(name: str | None) -> None:
 def _inputs(plan: Any, method_config: dict[str, Any], seed: int) -> dict[str, Any]:
     from benchmark.checkpoint import result_inputs
 
-    return result_inputs(plan.cfg.to_dict(), JOINT, method_config, plan.sequence_id, seed)
+    return result_inputs(plan.cfg.to_dict(), JOINT, method_config, plan.sequence_id, seed, plan.precision)
 
 
 def _finished(path: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
     """The existing successful record made with the same settings, if any (re-running a command costs nothing)."""
-    from benchmark.checkpoint import result_inputs
+    from benchmark.checkpoint import record_precision, result_inputs
 
     try:
         old = read_json(path)
@@ -50,7 +50,8 @@ def _finished(path: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if not isinstance(old, dict) or old.get("status") != "success" or not isinstance(old.get("config"), dict):
         return None
-    same = result_inputs(old["config"], JOINT, old.get("method_config"), old.get("sequence_id"), old.get("seed"))
+    same = result_inputs(old["config"], JOINT, old.get("method_config"), old.get("sequence_id"), old.get("seed"),
+                         record_precision(old))
     return old if same == inputs else None
 
 
@@ -90,7 +91,7 @@ def run_joint(plan: Any, seed: int, base_path: Path | None, out_dir: Path, accel
         t_start = time.perf_counter()
         try:
             runner.seed_everything(seed)
-            model, tok = load_base(cfg.model, base_path)
+            model, tok = load_base(cfg.model, base_path, plan.precision)
             base_hash = rec["base_model_hash"] = model_hash(model)
             model.to(accelerator.device)
             prepare_for_training(model, cfg.train.gradient_checkpointing)

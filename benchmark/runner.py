@@ -23,6 +23,7 @@ from benchmark.checkpoint import preserved_rng
 from benchmark.evalcache import EvalCache, eval_key, model_hash
 from benchmark.locks import exclusive
 from benchmark.paths import cache_dir, lock_path, safe_component
+from benchmark.precision import autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Plan:
     general: list[Any]
     general_builtin: list[str]
     methods: dict[str, Any] = field(default_factory=dict)  # name -> (class, config)
+    precision: str = "fp32"  # train.precision resolved for this machine (benchmark/precision.py)
 
     def runs(self) -> list[tuple[str, int]]:
         """(method, seed) pairs in plan order; with ``shard: K/N`` only the K-th round-robin slice of them."""
@@ -77,7 +79,8 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
         for split, _ in spec.data.items():
             if not spec.path(split).is_file():
                 raise UserError(f"task {spec.name!r}: {split} data file not found: {str(spec.path(split))!r}")
-    plan = Plan(cfg, seq, sequence_id(seq, tasks, general, builtin), tasks, general, builtin)
+    plan = Plan(cfg, seq, sequence_id(seq, tasks, general, builtin), tasks, general, builtin,
+                precision=resolve_precision(cfg.train.precision))
     unknown = set(cfg.method_options) - set(METHODS.names())
     if unknown:
         METHODS.get(sorted(unknown)[0])  # raises the did-you-mean error
@@ -161,16 +164,17 @@ def _eval_settings(plan: Plan, model: Any) -> dict[str, Any]:
     suite = plan.sequence.general
     return {"batch_size": plan.cfg.eval.batch_size, "limit": plan.cfg.eval.limit,
             "num_fewshot": suite.num_fewshot, "fewshot": suite.fewshot, "metrics": suite.metrics,
-            "chat_template": plan.cfg.model.chat_template, "device": device}
+            "chat_template": plan.cfg.model.chat_template, "device": device, "precision": plan.precision}
 
 
 def _run_evaluate(plan: Plan, model: Any, tok: Any) -> Any:
     """:func:`benchmark.evaluate.evaluate` with the plan's tasks, suite settings and chat-template choice."""
     suite = plan.sequence.general
-    return evaluate(model, tok, plan.tasks + plan.general, plan.general_builtin,
-                    batch_size=plan.cfg.eval.batch_size, limit=plan.cfg.eval.limit, num_fewshot=suite.num_fewshot,
-                    fewshot=suite.fewshot, metrics=suite.metrics, include_path=suite.include_dir(),
-                    apply_chat_template=plan.cfg.model.chat_template)
+    with autocast(plan.precision, next(model.parameters()).device.type):  # evaluation computes as training did
+        return evaluate(model, tok, plan.tasks + plan.general, plan.general_builtin,
+                        batch_size=plan.cfg.eval.batch_size, limit=plan.cfg.eval.limit, num_fewshot=suite.num_fewshot,
+                        fewshot=suite.fewshot, metrics=suite.metrics, include_path=suite.include_dir(),
+                        apply_chat_template=plan.cfg.model.chat_template)
 
 
 def _evaluate(plan: Plan, model: Any, tok: Any, model_key: str, out_dir: Path, label: str,

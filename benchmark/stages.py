@@ -39,6 +39,7 @@ def new_record(plan: Plan, rid: str, method_name: str, seed: int, mcfg: Any) -> 
         "schema_version": SCHEMA_VERSION, "run_id": rid, "method": method_name, "model": plan.cfg.model.name,
         "sequence": plan.sequence.name, "sequence_id": plan.sequence_id, "seed": seed, "status": "running",
         "error": None, "failed_stage": None, "config": plan.cfg.to_dict(), "method_config": mcfg.to_dict(),
+        "precision": plan.precision,
         "tasks": [t.name for t in plan.tasks], "general_tasks": [g.name for g in plan.general] + plan.general_builtin,
         "general_chance": [g.chance for g in plan.general] + [0.0] * len(plan.general_builtin),
         "metric_names": {t.name: spec_metric(t) for t in plan.tasks + plan.general},
@@ -50,7 +51,7 @@ def new_record(plan: Plan, rid: str, method_name: str, seed: int, mcfg: Any) -> 
 def run_inputs(plan: Plan, method_name: str, seed: int) -> dict[str, Any]:
     """What the run's numbers depend on (compared with a checkpoint's or a finished record's)."""
     return checkpoint.result_inputs(plan.cfg.to_dict(), method_name, plan.methods[method_name][1].to_dict(),
-                                    plan.sequence_id, seed)
+                                    plan.sequence_id, seed, plan.precision)
 
 
 def run_one(plan: Plan, method_name: str, seed: int, base_path: Path | None, out_dir: Path, accelerator: Any,
@@ -154,7 +155,7 @@ def _stage_loop(plan: Plan, method_name: str, seed: int, rid: str, base_path: Pa
     inputs = run_inputs(plan, method_name, seed)
     rec["failed_stage"] = 0  # 0 = before the first stage; updated as stages start
     seed_everything(seed)
-    model, tok = load_base(cfg.model, base_path)
+    model, tok = load_base(cfg.model, base_path, plan.precision)
     base_hash = rec["base_model_hash"] = model_hash(model)  # before moving it: hashes CPU tensors
     model.to(accelerator.device)
     prepare_for_training(model, cfg.train.gradient_checkpointing)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from benchmark.config import TrainConfig
 from benchmark.data import Example, batches
+from benchmark.precision import apply_policy, autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def train_stage(
     ``accelerator.prepare_model`` (DDP) and each process takes its slice of every global batch, so the global
     batch and the data order are the same for any number of processes; method hooks get the unwrapped model.
     ``data_parallel=False`` trains this process alone on whole batches (e.g. rank 0 building the tiny-world base).
+    The precision policy ``cfg.precision`` is applied here, for every method alike (:mod:`benchmark.precision`).
     ``method`` may be ``None`` (plain language modelling, e.g. pretraining); ``should_stop(step)`` is asked every
     ``check_every`` steps and ends the stage early when it says so.
     """
@@ -100,6 +102,8 @@ def train_stage(
         # every process must run the same number of forward/backward passes, or the gradient all-reduce hangs
         raise ValueError(f"train.batch_size={cfg.batch_size} with grad_accum={cfg.grad_accum} gives micro-batches "
                          f"of {min(sizes)} rows, fewer than the {world} processes; raise the batch size")
+    policy = resolve_precision(cfg.precision, accelerator.device.type)
+    apply_policy(model, policy)  # before the optimizer exists: its state takes the trainable parameters' dtype
     inner = model
     if world > 1:
         model = wrap_for_training(accelerator, model)  # wrap first: the optimizer must see the wrapped parameters
@@ -123,9 +127,10 @@ def train_stage(
             # all-reduce once per optimiser step, not once per micro-batch
             sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else accelerator.no_sync(model)
             with sync, method.forward_context(inner, part):
-                out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
-                            labels=part["labels"])
-                loss = out.loss
+                with autocast(policy, accelerator.device.type):
+                    out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
+                                labels=part["labels"])
+                loss = out.loss.float()
                 aux = method.aux_loss(inner)
                 if aux is not None:
                     loss = loss + aux

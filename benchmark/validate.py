@@ -195,7 +195,7 @@ def check_existing(plan: Plan, force: bool) -> None:
             rec = None  # unreadable: the run is simply redone
         if isinstance(rec, dict) and rec.get("status") == "success" and isinstance(rec.get("config"), dict):
             old = checkpoint.result_inputs(rec["config"], rec.get("method"), rec.get("method_config"),
-                                           rec.get("sequence_id"), rec.get("seed"))
+                                           rec.get("sequence_id"), rec.get("seed"), checkpoint.record_precision(rec))
             diff = checkpoint.first_difference(old, new)
             if diff:
                 raise UserError(f"{str(rp)!r} holds finished run {rid} made with other settings ({diff}); "

@@ -62,6 +62,11 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
     (d / "bad.yaml").write_text("methods: [lora\n")
     (d / "typo.yaml").write_text("modell:\n  name: tiny-world\n")
+    (d / "latin1.yaml").write_bytes("methods: [lora]\n# r\xe9sum\xe9\n".encode("latin-1"))
+    (d / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00")
+    (d / "nul.yaml").write_bytes(b"methods: [lora]\n\x00\x01\x02\n")
+    # an option typo in the file must not vanish because --methods picks the method
+    (d / "lora_typo.yaml").write_text("methods:\n  lora:\n    rank: 16\n")
     (d / "no_config_model").mkdir()
     (d / "custom_code_model").mkdir()  # asks for code from its repository (never run without the flag)
     (d / "custom_code_model" / "config.json").write_text(json.dumps(
@@ -121,6 +126,14 @@ CASES = [
     ("missing config file", ["--config", "/nonexistent/x.yaml"], "'/nonexistent/x.yaml'"),
     ("invalid YAML", ["--config", "{d}/bad.yaml"], "invalid YAML"),
     ("config key typo", ["--config", "{d}/typo.yaml"], "did you mean 'model'"),
+    ("non-UTF-8 config", ["--config", "{d}/latin1.yaml"], "latin1.yaml' is not UTF-8 text (byte 0xe9"),
+    ("binary config", ["--config", "{d}/binary.yaml"], "binary.yaml' is not UTF-8 text (byte 0x89"),
+    ("config with control bytes", ["--config", "{d}/nul.yaml"], "invalid YAML"),
+    ("config method option kept under --methods", ["--config", "{d}/lora_typo.yaml", "--methods", "lora"],
+     "'methods.lora.rank'"),
+    ("unknown precision", ["--set", "train.precision=fp16"], "'fp16'; valid: auto, bf16-mixed, bf16, fp32"),
+    ("precision contradicts dtype", ["--set", "train.precision=fp32", "--set", "model.dtype=bfloat16"],
+     "model.dtype=bfloat16 contradicts train.precision=fp32"),
     ("model path missing", ["--model", "./no/such/model"], "'./no/such/model'"),
     ("model path escaping", ["--model", "../../x"], "'../../x'"),
     ("model dir without config", ["--model", "{d}/no_config_model"], "no config.json"),
@@ -221,3 +234,18 @@ def test_no_unsafe_loading_in_the_code():
             text = f.read_text(encoding="utf-8")
             offenders += [f"{f.relative_to(ROOT)}: {why}" for rx, why in UNSAFE if rx.search(text)]
     assert not offenders, offenders
+
+
+def test_config_file_method_options_survive_methods_flag(tmp_path):
+    """``--config`` with ``methods: {lora: {r: 16}, full_ft: {}}`` plus ``--methods lora`` runs lora with r 16."""
+    from benchmark.cli import build_parser, run_config
+
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("methods:\n  lora:\n    r: 16\n  full_ft: {}\ntrain:\n  lr: 0.002\n")
+    cfg = run_config(build_parser().parse_args(["run", "--config", str(cfg_file), "--methods", "lora"]))
+    assert cfg.methods == ["lora"]
+    assert cfg.method_options["lora"] == {"r": 16} and cfg.train.lr == 0.002
+    # --set still wins over the file
+    cfg = run_config(build_parser().parse_args(["run", "--config", str(cfg_file), "--methods", "lora", "--set",
+                                                "methods.lora.r=4"]))
+    assert cfg.method_options["lora"]["r"] == 4

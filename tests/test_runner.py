@@ -29,6 +29,7 @@ def test_run_writes_records_scores_and_leaderboard(tmp_path, cache_dir):
     assert len(rec["G"]) == 4 and all(len(g) == 4 for g in rec["G"])
     assert rec["costs"]["trainable_params"] > 0 and rec["env"]["versions"]["torch"]
     assert rec["sequence_id"].startswith("tiny-world@")
+    assert rec["precision"] == "fp32" and rec["config"]["train"]["precision"] == "auto"  # auto on a CPU
     # stage 0 is shared: both methods start from the identical base row
     other = json.loads(runs[0].read_text())
     assert other["R"][0] == rec["R"][0] and other["G"][0] == rec["G"][0]

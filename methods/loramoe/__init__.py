@@ -104,11 +104,8 @@ class LoRAMoE(Method):
         terms = [] if c.blc_weight == 0 else [
             loramoe_balance_term(delta=c.blc_alpha, weight=c.blc_weight, form=c.blc_form,
                                  mask_padding=c.blc_mask_padding)]
-        # adapters of a half-precision model are kept in fp32 (as peft does by default): AdamW updates of
-        # bf16 parameters lose most of their bits; the layer casts them to the activation dtype per forward
-        dtype = torch.float32 if linear.weight.dtype in (torch.float16, torch.bfloat16) else None
         return MoELoRALinear(linear, n_experts=c.n_experts, rank=c.r, alpha=c.alpha, dropout=c.dropout,
-                             top_k=None, aux_terms=terms, dtype=dtype)
+                             top_k=None, aux_terms=terms)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         names = inject_moe_lora(model, list(self.config.target_modules), self.make_layer)

@@ -68,7 +68,9 @@ class MoELoRALinear(nn.Module):
         delta_mask: optional ``f(A (N, r, d_in), B (N, d_out, r), layer) -> (A, B)`` applied before use.
         aux_terms: callables ``f(layer, RouterOutput, x) -> Tensor | None``; their sum is kept in ``last_aux``.
         track_stats: accumulate routing diagnostics (see :meth:`routing_stats`).
-        dtype: dtype of the adapter parameters (default: the base weight's dtype).
+        dtype: dtype the adapter parameters are created and initialised in (default: fp32, or the base weight's
+            dtype when that is wider). The trainer's precision policy (``benchmark/precision.py``) then sets the
+            dtype they train in; initialising in fp32 keeps the initial values the same under every policy.
     """
 
     def __init__(
@@ -108,7 +110,7 @@ class MoELoRALinear(nn.Module):
         self.rank, self.top_k, self.dropout = rank, top_k, float(dropout)
         self.alpha = float(rank if alpha is None else alpha)
         self.scaling = self.alpha / rank
-        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        kw = {"device": base.weight.device, "dtype": dtype or torch.promote_types(base.weight.dtype, torch.float32)}
         self.lora_A = nn.Parameter(torch.empty(n_experts, rank, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(n_experts, self.out_features, rank, **kw))
         self.router = nn.Linear(self.in_features, n_total, bias=False, **kw)
