@@ -3,8 +3,10 @@ merging, L1, state round trip, distributed cluster sync. Tiny models only, no ne
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import tempfile
 
 import pytest
@@ -248,6 +250,169 @@ def test_gradient_checkpoint_recompute_counts_tokens_once():
         assert float(layer.slim_clusters._pending[-1]) == x.numel()
 
 
+# -- no host-device syncs -------------------------------------------------------------------------------------
+SYNC_CALLS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# outputs sized by the data: on an accelerator these wait for the device to count too
+SIZE_CALLS = tuple((owner, name) for owner in (torch, torch.Tensor)
+                   for name in ("nonzero", "bincount", "masked_select", "unique"))
+METHODS_DIR = os.path.dirname(os.path.abspath(sys.modules["methods"].__file__)) + os.sep
+
+
+def _called_from_methods() -> bool:
+    """Whether the caller of the guarded call runs (directly or further down) in code under methods/."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(METHODS_DIR):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _bool_index(self, index, *value) -> bool:
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+               for i in (index if isinstance(index, tuple) else (index,)))
+
+
+@contextlib.contextmanager
+def no_host_sync(sizes: bool = False):
+    """Make every tensor-to-Python conversion and ``torch.equal`` called from code under methods/ raise (each
+    waits for an accelerator); with ``sizes`` also boolean indexing and the other data-sized ops. transformers'
+    own mask code keeps its checks: it is not SLIM's."""
+
+    def guard(name, fn, applies=None):
+        def guarded(*args, **kwargs):
+            if (applies is None or applies(*args)) and _called_from_methods():
+                raise AssertionError(f"host sync in SLIM: {name}")
+            return fn(*args, **kwargs)
+
+        return guarded
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in SYNC_CALLS:
+            mp.setattr(torch.Tensor, name, guard(f"Tensor.{name}", getattr(torch.Tensor, name)))
+        mp.setattr(torch, "equal", guard("torch.equal", torch.equal))
+        if sizes:
+            for owner, name in SIZE_CALLS:
+                mp.setattr(owner, name, guard(name, getattr(owner, name)))
+            for name in ("__getitem__", "__setitem__"):
+                mp.setattr(torch.Tensor, name, guard(f"boolean index ({name})", getattr(torch.Tensor, name),
+                                                     _bool_index))
+        yield
+
+
+def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, -2:] = 0
+    return x, mask
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_forward_and_backward_make_no_host_sync(checkpointing):
+    """No SLIM training forward + backward (the first, initialising one included, and checkpoint recomputes) and
+    no evaluation forward converts a tensor to a Python value, also right after a state is loaded; the
+    bookkeeping that replaces those reads keeps every result and the twin reuse exact."""
+    x, mask = _padded_batch()
+
+    def make():
+        method = Slim(SlimConfig(attention=True, mask_ratio=0.5))
+        model = method.wrap(tiny_llama())
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return method, model
+
+    def train(method, model, steps):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model.train()
+        for step in range(1, steps + 1):
+            with method.forward_context(model, {"attention_mask": mask}), no_host_sync():
+                out = model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100))
+                (out.loss + method.aux_loss(model)).backward()
+            opt.step()
+            opt.zero_grad()
+            method.on_step(model, step)
+
+    calls = []
+
+    def evaluate(model):
+        """Logits with and without padding; ``calls`` counts the cluster searches."""
+        model.eval()
+        original = SlidingClusters.ratios
+        calls.clear()
+        SlidingClusters.ratios = lambda self, t: calls.append(1) or original(self, t)
+        try:
+            with torch.no_grad(), no_host_sync():
+                with routing_context(attention_mask=mask):
+                    padded = model(input_ids=x, attention_mask=mask).logits
+                return padded, model(input_ids=x).logits
+        finally:
+            SlidingClusters.ratios = original
+
+    method, model = make()
+    set_tracking(model, True)
+    train(method, model, 3)  # step 1 initialises the clusters
+    with no_host_sync(), pytest.raises(AssertionError, match="host sync"):  # the guard sees reads under methods/
+        next(moe_layers(model))[1].routing_stats()
+    assert slim_diagnostics(model)["yield_distance"] is not None
+    ref = evaluate(model)
+    reuse = 2 * 2 * 4  # 2 forwards x 2 blocks x 4 of 7 linears: q/k/v and gate/up reuse a twin's cluster search
+    assert len(calls) == reuse
+    state = method.trainable_state(model)
+    for load in ("trainable", "state_dict"):
+        fresh_method, fresh = make()
+        if load == "trainable":
+            fresh_method.load_trainable_state(fresh, state)
+        else:
+            fresh.load_state_dict(model.state_dict())
+        got = evaluate(fresh)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and len(calls) == reuse, load
+        train(fresh_method, fresh, 1)
+    # loading an uninitialised state switches the clustering off again, without reading the flag in the forward
+    blank_method, blank = make()
+    method.load_trainable_state(model, blank_method.trainable_state(blank))
+    got, want = evaluate(model), evaluate(blank)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and not calls
+
+
+def test_accelerator_path_is_sync_free_and_agrees_with_the_cpu_path(monkeypatch):
+    """On an accelerator a boolean index or bincount waits for the device too (to size its output), so sums over
+    the real tokens are masked there rather than compacted (forced here on the CPU): after the initialising step
+    the training forward + backward, the update after the step and an evaluation forward use none of them, and
+    the results equal the CPU path's up to the summation order of those sums."""
+    import methods.slim.clustering as clustering
+
+    x, mask = _padded_batch()
+
+    def run(compact: bool):
+        monkeypatch.setattr(clustering, "compacts", lambda device: compact)
+        method = Slim(SlimConfig(attention=True))
+        model = method.wrap(tiny_llama())
+        set_tracking(model, True)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model.train()
+        losses = []
+        for step in range(1, 4):
+            sizes = not compact and step > 1  # step 1: the k-means compacts the first batch on every device
+            with method.forward_context(model, {"attention_mask": mask}), no_host_sync(sizes):
+                out = model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100))
+                (out.loss + method.aux_loss(model)).backward()
+            opt.step()
+            opt.zero_grad()
+            with no_host_sync(sizes) if step > 1 else contextlib.nullcontext():  # step 1 compares the twins
+                method.on_step(model, step)
+            losses.append(out.loss.detach())
+        model.eval()
+        with torch.no_grad(), routing_context(attention_mask=mask), no_host_sync(not compact):
+            logits = model(input_ids=x, attention_mask=mask).logits
+        return torch.stack(losses), logits, trainable_state(model), slim_diagnostics(model)
+
+    masked, compacted = run(False), run(True)
+    for got, want in zip(masked[:3], compacted[:3]):
+        torch.testing.assert_close(got, want)
+    for key in ("yield_distance", "far_share", "yield_score", "identity_share"):
+        assert math.isclose(masked[3][key], compacted[3][key], rel_tol=1e-5), key
+
+
 # -- dynamic merging -------------------------------------------------------------------------------------------
 def test_masks_keep_the_configured_expected_fraction_of_the_delta():
     p = 0.5
@@ -324,6 +489,14 @@ def test_save_reload_with_clusters_gives_identical_logits():
         for _, layer in moe_layers(fresh):  # the clusters are part of the state: moving them changes the routing
             layer.slim_clusters.centres.add_(1.0)
         assert not torch.equal(fresh(x).logits, ref)
+
+
+def test_ddp_does_not_broadcast_the_slim_buffers():
+    """update_clusters keeps the SLIM buffers equal on every process; DDP's broadcast before every forward would
+    write them in place and void the Python-side mirrors the forward branches on (it would read the flag)."""
+    model = Slim().wrap(tiny_llama())
+    slim_buffers = {n for n, _ in model.named_buffers() if ".slim_" in n}
+    assert set(model._ddp_params_and_buffers_to_ignore) == slim_buffers and len(slim_buffers) == 6 * 5
 
 
 def test_param_counts_closed_form():

@@ -87,8 +87,13 @@ token ``min(top_k, N)*r*(d_in + d_out) + d_in*E`` -- the upper bound when all se
 (identity experts cost nothing); the router and the cluster search (``M*C``, not a parameter) always run.
 Linears that read one tensor (gate_proj/up_proj; q/k/v_proj with ``attention``) keep separate cluster states, but
 with the data initialisation those stay bitwise equal, so the second reuses the first's distances and cluster
-sums (checked on every forward; exact, about 2.5 % of a training step at hidden 512; ``random`` initialisation
-gives each its own centres, and then nothing is shared).
+sums (exact, about 2.5 % of a training step at hidden 512; ``random`` initialisation gives each its own centres,
+and then nothing is shared). The equality is compared after the initialisation (and after loading a state) and
+then carried by Python-side lineage tokens, so the forward never compares tensors.
+
+The forward and backward read nothing back from the device (no ``bool``/``float``/``.item()``/``torch.equal`` on
+a tensor: each would stall the host until an accelerator catches up); see ``clustering.py`` for how, and for the
+reads left outside the steady-state forward.
 """
 
 from __future__ import annotations
@@ -106,8 +111,8 @@ from methods.moe_lora import (collect_aux, inject_moe_lora, load_trainable_state
 from methods.slim.clustering import SlidingClusters, update_clusters
 from methods.slim.config import SlimConfig
 from methods.slim.merging import DynamicMerging, l1_penalty
-from methods.slim.model import (layer_seed, link_twins, make_slim_layer, set_tracking, slim_diagnostics,
-                                weight_yielding)
+from methods.slim.model import (layer_seed, link_twins, make_slim_layer, refresh_mirrors, set_tracking,
+                                slim_diagnostics, weight_yielding)
 
 __all__ = ["DynamicMerging", "Slim", "SlimConfig", "SlidingClusters", "l1_penalty", "make_slim_layer",
            "update_clusters", "weight_yielding"]
@@ -139,6 +144,12 @@ class Slim(Method):
         except ValueError as exc:
             raise ValueError(f"Invalid target_modules: {exc}") from exc
         link_twins(model, names)
+        # DDP need not broadcast the clusters and mask seeds before every forward: update_clusters keeps them equal
+        # on every process. Its broadcast writes them in place, which would void the Python-side mirrors the
+        # forward branches on (the twins would stop sharing, an uninitialised flag would be read again)
+        own = [f"{name}.{key}" for name in names for key, _ in model.get_submodule(name).named_buffers()
+               if key.startswith(("slim_clusters.", "slim_merge."))]
+        model._ddp_params_and_buffers_to_ignore = [*getattr(model, "_ddp_params_and_buffers_to_ignore", ()), *own]
         # new layers start in train mode; masks and cluster updates depend on the mode, so follow the model's
         return model.train(model.training)
 
@@ -171,6 +182,7 @@ class Slim(Method):
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         load_trainable_state(model, state)
+        refresh_mirrors(model)  # the loader copies into the buffers past load_state_dict's hooks
 
     def param_counts(self, model: nn.Module) -> dict[str, int]:
         return total_param_count(model)

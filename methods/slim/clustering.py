@@ -16,14 +16,63 @@ Update of cluster ``j`` from the ``n_j`` tokens assigned to it (``delta = x - c_
 The variance tracks the spread of the assigned tokens around the (updated) centre -- exactly what the distance
 ``|x - c| / sigma`` normalises -- rather than around their batch mean (methods.md's [D]), which would ignore a
 lagging centre. Clusters that receive no token this step are left unchanged.
+
+No host-device syncs in the forward and backward: every tensor-to-Python read (``bool``, ``float``, ``.item()``,
+``torch.equal``) stalls the host until an accelerator catches up, so the forward branches only on Python-side
+mirrors of the buffers (``ready``, the twins' lineage tokens), written where the buffers are written (the update
+after the step, ``load_state_dict``, :meth:`SlidingClusters.refresh`), and the statistics stay device tensors until
+a diagnostics call reads them. Sums over the real (non-padding) tokens compact them with a boolean index on the CPU,
+where that waits for nothing and keeps the summation order of the published CPU results; on an accelerator they
+are masked sums instead (:func:`real_sum`). Left: the initialising forward (once per linear, first step) compacts
+the tokens for the k-means on every device, and the first update (and, in a multi-process run, every update)
+reads a few flags -- both outside the steady-state forward.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+# lineage tokens: two states holding one token hold equal clusters (see SlidingClusters.lineage)
+_TOKENS = itertools.count(1)
+Seen = tuple[tuple[weakref.ref, int], ...]
+
+
+def compacts(device: torch.device) -> bool:
+    """Whether sums over the real tokens compact them with a boolean index on ``device``.
+
+    On the CPU that waits for nothing and keeps the original summation order (bit-identical CPU results); on an
+    accelerator a boolean index waits for the device to count the tokens, so masked sums are used there.
+    """
+    return device.type == "cpu"
+
+
+def real_sum(v: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Sum of ``v`` (T,) over the real tokens (``real`` (T,) bool; None: all), without a host sync."""
+    if real is None:
+        return v.sum()
+    if compacts(v.device):
+        return v[real].sum()
+    return torch.where(real, v, 0).sum()
+
+
+def seen(tensors: Sequence[torch.Tensor]) -> Seen:
+    """Identity and version counter of each tensor: :func:`unchanged` tells, without reading a value, whether
+    any of them was replaced or written in place since."""
+    return tuple((weakref.ref(t), t._version) for t in tensors)
+
+
+def unchanged(key: Seen, tensors: Sequence[torch.Tensor]) -> bool:
+    return len(key) == len(tensors) and all(r() is t and v == t._version for (r, v), t in zip(key, tensors))
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """``x``'s version counter, or None for an inference tensor (it has none: never reuse work for it)."""
+    return None if x.is_inference() else x._version
 
 
 def nearest(x: torch.Tensor, centres: torch.Tensor, var: torch.Tensor, metric: str) -> torch.Tensor:
@@ -66,14 +115,15 @@ def kmeans_init(x: torch.Tensor, m: int, iters: int, min_std: float) -> tuple[to
     seeds = torch.linspace(0, t - 1, m, device=x.device).round().long()
     centres = x[seeds].clone()
     z = x / gvar.sqrt()
+    # counts by index_add_ and the update by torch.where: bincount and a boolean index both wait for the device
+    ones = torch.ones(t, device=x.device, dtype=x.dtype)
     for _ in range(iters):
         idx = nearest(z, centres / gvar.sqrt(), torch.ones_like(centres), "euclidean")
-        counts = torch.bincount(idx, minlength=m).to(x.dtype)
+        counts = torch.zeros(m, device=x.device, dtype=x.dtype).index_add_(0, idx, ones)
         sums = torch.zeros_like(centres).index_add_(0, idx, x)
-        filled = counts > 0
-        centres[filled] = sums[filled] / counts[filled, None]
+        centres = torch.where((counts > 0)[:, None], sums / counts.clamp_min(1)[:, None], centres)
     idx = nearest(z, centres / gvar.sqrt(), torch.ones_like(centres), "euclidean")
-    counts = torch.bincount(idx, minlength=m).to(x.dtype)
+    counts = torch.zeros(m, device=x.device, dtype=x.dtype).index_add_(0, idx, ones)
     sq = torch.zeros_like(centres).index_add_(0, idx, (x - centres[idx]) ** 2)
     var = torch.where(counts[:, None] >= 2, sq / counts.clamp_min(1)[:, None], gvar)
     return centres, var.clamp_min(min_std**2)
@@ -84,6 +134,11 @@ class SlidingClusters(nn.Module):
 
     Buffers (persistent, fp32, saved with the trainable state): ``centres`` (M, C), ``var`` (M, C), ``ratio``
     (running mean of ``max_c |x - c| / sigma`` over training tokens) and ``initialised``.
+
+    The forward reads none of them into Python: it branches on :attr:`ready` (a mirror of ``initialised``) and on
+    :meth:`lineage` (for the twin reuse), both kept where the buffers are written -- the update after the step,
+    ``load_state_dict`` and :meth:`refresh`. A write from anywhere else is noticed through the buffers' version
+    counters: it voids the lineage, and the flag is read again once.
     """
 
     def __init__(self, dim: int, n_clusters: int, momentum: float, metric: str, min_std: float, init: str,
@@ -99,20 +154,94 @@ class SlidingClusters(nn.Module):
         self.register_buffer("ratio", torch.ones((), **f32))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool, device=device))
         self._pending: torch.Tensor | None = None  # (M, 2C + 1) sums of this step + ratio sum/count
+        self._pending_tags: tuple[int, ...] = ()  # which forwards' sums ``_pending`` holds (see :meth:`lineage`)
         self._candidate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # data init, this rank
         # siblings that read the same input (gate_proj/up_proj): see :meth:`from_twin`; a plain list, so they are
         # not submodules and the state dict is unchanged
         self.twins: list[SlidingClusters] = []
-        self._last: tuple | None = None  # (weakref to the input, its version, this forward's results)
+        self._last: tuple | None = None  # (weakref to the input, its version, lineage, this forward's results)
+        self._ready = False
+        self._ready_seen: Seen = ()
+        self._lineage: int | None = None
+        self._lineage_seen: Seen = ()
         self.reset_yield_stats()
         if init == "random":  # the paper's choice; the global RNG is seeded identically on every rank
             with torch.no_grad():
                 self.centres.normal_()
                 self.initialised.fill_(True)
+        self._set_ready(init == "random")
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, clusters={self.n_clusters}, momentum={self.momentum:g}, metric={self.metric}, "
                 f"init={self.init}, gamma={self.gamma:g}, calibrate={self.calibrate}, clip={self.clip}")
+
+    # -- Python-side mirrors of the buffers ------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Whether the clusters are initialised: the Python mirror of ``initialised``, so no tensor is read."""
+        if not unchanged(self._ready_seen, (self.initialised,)):
+            # written from outside (by hand, or a loader that bypasses load_state_dict, whose hook refreshes the
+            # mirror): read it once -- never the case in a training run
+            self._set_ready(bool(self.initialised))
+        return self._ready
+
+    def _set_ready(self, flag: bool) -> None:
+        self._ready = flag
+        self._ready_seen = seen((self.initialised,))
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        return self.initialised, self.centres, self.var, self.ratio
+
+    def lineage(self) -> int | None:
+        """Token of this state's clusters: states holding one token hold equal clusters (None: unknown).
+
+        A token is handed out where twins were compared and found equal (after the initialisation, after loading
+        a state, after a multi-process update) and carried through an update that provably gives equal bits (one
+        process, equal states, the sums of the same forwards); any other write to the buffers voids it.
+        """
+        if self._lineage is None or not unchanged(self._lineage_seen, self._state()):
+            return None
+        return self._lineage
+
+    def _set_lineage(self, token: int | None) -> None:
+        self._lineage = token
+        self._lineage_seen = () if token is None else seen(self._state())
+
+    def refresh(self) -> None:
+        """Re-read the mirrors from the buffers after a write from outside (reads tensors: not in a forward).
+
+        Runs by itself after ``load_state_dict``; a twin loaded later finds this one equal in its own refresh.
+        """
+        self._set_ready(bool(self.initialised))
+        self._set_lineage(None)
+        for t in self.twins:
+            if self.same_state(t):
+                token = t.lineage()
+                if token is None:
+                    token = new_token()
+                    t._set_lineage(token)
+                self._set_lineage(token)
+                break
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.refresh()  # loading runs outside any forward: the loaded flag may be read here
+
+    def __getstate__(self) -> dict:
+        # weak references do not pickle: a copy re-reads its mirrors once and shares with no twin until compared
+        state = self.__dict__.copy()
+        state.update(_ready_seen=(), _lineage_seen=(), _last=None)
+        return state
+
+    def _apply(self, fn, recurse: bool = True):
+        ready = self.ready
+        out = super()._apply(fn, recurse)
+        # a move or cast keeps the flag's value: follow the new tensor without reading it (the lineage of replaced
+        # buffers is void, so twins compute their own until the next comparison)
+        self._set_ready(ready)
+        return out
 
     # -- distance ---------------------------------------------------------------------------------------
     def std(self) -> torch.Tensor:
@@ -141,9 +270,13 @@ class SlidingClusters(nn.Module):
         ``idx``/``r``/``delta`` come from :meth:`ratios` (``delta`` is recomputed when not given); ``real`` (T,)
         bool marks the non-padding tokens (None: all real): only those are collected.
         """
-        if not bool(self.initialised):
+        if not self.ready:
+            if self.init != "data" or self._candidate is not None:
+                return
+            # the one compaction left in a forward, on an accelerator too: the k-means of the first batch's real
+            # tokens, once per linear (a masked k-means would not reproduce the CPU results' bits)
             x = x if real is None else x[real]
-            if x.shape[0] and self.init == "data" and self._candidate is None:
+            if x.shape[0]:
                 c, v = kmeans_init(x, self.n_clusters, self.init_iters, self.min_std)
                 self._candidate = (c, v, max_ratio(x, nearest(x, c, v, self.metric), c,
                                                    v.sqrt().clamp_min(self.min_std)).mean())
@@ -161,40 +294,49 @@ class SlidingClusters(nn.Module):
         # padding tokens go to a spare row m that is dropped: no (T, C) copies of the real tokens, and each
         # cluster still sums its tokens in token order, so the sums equal those of the compacted tokens
         slot = idx if real is None else torch.where(real, idx, m)
-        zeros = lambda: torch.zeros(m + 1, cdim, device=x.device, dtype=torch.float32)  # noqa: E731
-        sum_d = zeros().index_add_(0, slot, delta)
-        sum_d2 = zeros().index_add_(0, slot, delta * delta)
-        count = torch.bincount(slot, minlength=m + 1).to(torch.float32)
+        zeros = lambda *s: torch.zeros(m + 1, *s, device=x.device, dtype=torch.float32)  # noqa: E731
+        sum_d = zeros(cdim).index_add_(0, slot, delta)
+        sum_d2 = zeros(cdim).index_add_(0, slot, delta * delta)
+        # counted by index_add_ (exact integers in fp32): torch.bincount waits for the device to size its output
+        count = zeros().index_add_(0, slot, torch.ones_like(r))
         sums = torch.cat([sum_d[:m], sum_d2[:m], count[:m, None]], dim=1)  # (M, 2C + 1)
-        r = r if real is None else r[real]
-        extra = torch.stack([r.sum(), torch.tensor(float(r.numel()), device=x.device)])
+        n = (torch.full((), float(r.numel()), device=x.device, dtype=torch.float32) if real is None
+             else real.sum().to(torch.float32))
+        extra = torch.stack([real_sum(r, real), n])
         return torch.cat([sums.flatten(), extra])
 
-    def add_pending(self, vec: torch.Tensor) -> None:
+    def add_pending(self, vec: torch.Tensor, tag: int | None = None) -> None:
+        """Add a forward's sums to this step's; ``tag`` names them (a twin that reuses them passes the same)."""
         self._pending = vec if self._pending is None else self._pending + vec
+        self._pending_tags += (new_token() if tag is None else tag,)
 
     # -- reuse between linears that read the same input ----------------------------------------------------------
     def remember(self, x: torch.Tensor, results: tuple) -> None:
         """Keep this forward's results for the twins (weakly: a freed input can never match a new one)."""
         if self.twins:
-            self._last = (weakref.ref(x), x._version, results)
+            version = _version(x)
+            self._last = None if version is None else (weakref.ref(x), version, self.lineage(), results)
 
     def from_twin(self, x: torch.Tensor) -> tuple | None:
-        """The results a twin computed for this very input tensor, if its clustering state equals this one's.
+        """The results a twin computed for this very input tensor under clusters equal to this one's.
 
         Linears that read the same tensor (a Llama MLP's gate_proj and up_proj) see the same tokens from the first
         step on, so with the data initialisation their clusters stay bitwise equal and the distance and cluster
-        sums need computing once. The state is compared (M x C values: cheap next to the (T, C) passes saved),
-        so reuse is exact whenever it happens, and a twin whose state differs simply computes its own.
+        sums need computing once. Equality is known from the lineage tokens (Python values: nothing is read), so
+        reuse is exact whenever it happens; a twin whose token differs or is unknown simply computes its own.
         """
+        token, version = self.lineage(), _version(x)
+        if token is None or version is None:
+            return None
         for t in self.twins:
             last = t._last
-            if last is not None and last[0]() is x and last[1] == x._version and self.same_state(t):
-                return last[2]
+            if last is not None and last[0]() is x and last[1] == version and last[2] == token:
+                return last[3]
         return None
 
     def same_state(self, other: SlidingClusters) -> bool:
-        return (bool(self.initialised) and bool(other.initialised) and torch.equal(self.centres, other.centres)
+        """Whether both are initialised with equal clusters (reads tensors: for checks outside the forward)."""
+        return (self.ready and other.ready and torch.equal(self.centres, other.centres)
                 and torch.equal(self.var, other.var) and torch.equal(self.ratio, other.ratio))
 
     def pending(self) -> torch.Tensor:
@@ -208,30 +350,36 @@ class SlidingClusters(nn.Module):
         """One EMA update from (all-reduced) flat sums; see the module docstring for the formulas."""
         m, cdim, mom = self.n_clusters, self.dim, self.momentum
         sums = vec[:-2].view(m, 2 * cdim + 1).float()
-        n = sums[:, -1]
-        hit = n > 0
-        if bool(hit.any()):
-            nn_ = n[hit, None]
-            mean_d, mean_d2 = sums[hit, :cdim] / nn_, sums[hit, cdim:2 * cdim] / nn_
-            spread = (mean_d2 - (2 * mom - mom * mom) * mean_d * mean_d).clamp_min(0.0)
-            self.centres[hit] = self.centres[hit] + mom * mean_d
-            self.var[hit] = ((1 - mom) * self.var[hit] + mom * spread).clamp_min(self.min_std**2)
+        n = sums[:, -1:]
+        hit = n > 0  # (M, 1)
+        # every row is computed and torch.where keeps the clusters without tokens (their 0/0 is dropped): the hit
+        # rows see the same elementwise operations as on their own, so the same bits, without a boolean index
+        mean_d, mean_d2 = sums[:, :cdim] / n, sums[:, cdim:2 * cdim] / n
+        spread = (mean_d2 - (2 * mom - mom * mom) * mean_d * mean_d).clamp_min(0.0)
+        self.centres.copy_(torch.where(hit, self.centres + mom * mean_d, self.centres))
+        self.var.copy_(torch.where(hit, ((1 - mom) * self.var + mom * spread).clamp_min(self.min_std**2), self.var))
         r_sum, r_n = vec[-2].float(), vec[-1].float()
-        if float(r_n) > 0:
-            self.ratio.copy_((1 - mom) * self.ratio + mom * r_sum / r_n)
+        self.ratio.copy_(torch.where(r_n > 0, (1 - mom) * self.ratio + mom * r_sum / r_n, self.ratio))
         self._pending = None
+        self._pending_tags = ()
 
     @torch.no_grad()
-    def init_from(self, packed: torch.Tensor) -> bool:
-        """Initialise from a packed candidate ``[flag, centres, var, ratio]``; False if the flag is 0."""
+    def init_from(self, packed: torch.Tensor, flag: bool | None = None) -> bool:
+        """Initialise from a packed candidate ``[flag, centres, var, ratio]``; False if the flag is 0.
+
+        ``flag``: the packed flag when the caller knows it (else it is read from ``packed``).
+        """
         self._candidate = None
-        if float(packed[0]) == 0.0:
+        if flag is None:
+            flag = float(packed[0]) != 0.0
+        if not flag:
             return False
         m, cdim = self.n_clusters, self.dim
         self.centres.copy_(packed[1:1 + m * cdim].view(m, cdim))
         self.var.copy_(packed[1 + m * cdim:1 + 2 * m * cdim].view(m, cdim))
         self.ratio.copy_(packed[-1])
         self.initialised.fill_(True)
+        self._set_ready(True)
         return True
 
     def packed_candidate(self) -> torch.Tensor:
@@ -244,23 +392,79 @@ class SlidingClusters(nn.Module):
 
     # -- diagnostics -------------------------------------------------------------------------------------------
     def reset_yield_stats(self) -> None:
-        self._ystats = {"tokens": 0.0, "distance": 0.0, "far": 0.0, "score": 0.0}
+        self._ystats: torch.Tensor | None = None  # device sums: tokens, distance, far (d > 0), score
 
     @torch.no_grad()
-    def track(self, d: torch.Tensor, s: torch.Tensor) -> None:
-        st = self._ystats
-        st["tokens"] += d.numel()
-        st["distance"] += float(d.double().sum())
-        st["far"] += float((d > 0).double().sum())
-        st["score"] += float(s.double().sum())
+    def track(self, d: torch.Tensor, s: torch.Tensor, real: torch.Tensor | None = None) -> None:
+        """Add the yielding statistics of a forward's real tokens (``real`` (T,) bool; None: all) on the device;
+        :meth:`yield_stats` reads them."""
+        sdt = torch.float32 if d.device.type == "mps" else torch.float64  # mps has no fp64
+        if real is None or compacts(d.device):
+            if real is not None:
+                d, s = d[real], s[real]
+            n = torch.full((), float(d.numel()), device=d.device, dtype=sdt)
+            vals = torch.stack([n, d.to(sdt).sum(), (d > 0).to(sdt).sum(), s.to(sdt).sum()])
+        else:
+            vals = torch.stack([real.sum().to(sdt), torch.where(real, d, 0).to(sdt).sum(),
+                                (real & (d > 0)).to(sdt).sum(), torch.where(real, s, 0).to(sdt).sum()])
+        if self._ystats is None:
+            self._ystats = torch.zeros(4, device=d.device, dtype=sdt)
+        self._ystats.add_(vals)
 
     def yield_stats(self) -> dict[str, float | int | None]:
         """Mean yielding distance ``d``, share of tokens with ``d > 0`` and mean score ``s`` since the reset."""
-        st = self._ystats
-        t = st["tokens"]
+        t, dist, far, score = (0.0, 0.0, 0.0, 0.0) if self._ystats is None else self._ystats.tolist()
         if not t:
             return {"tokens": 0, "distance": None, "far_share": None, "score": None}
-        return {"tokens": int(t), "distance": st["distance"] / t, "far_share": st["far"] / t, "score": st["score"] / t}
+        return {"tokens": int(t), "distance": dist / t, "far_share": far / t, "score": score / t}
+
+
+def new_token() -> int:
+    """A fresh lineage / pending-sums token."""
+    return next(_TOKENS)
+
+
+def relink(states: Sequence[SlidingClusters]) -> None:
+    """Compare each of ``states`` with its twins and give every group of equal ones a fresh lineage token; the
+    others in ``states`` lose theirs. One read for all comparisons (outside the forward)."""
+    pairs, done = [], set()
+    for a in states:
+        for b in a.twins:
+            key = frozenset((id(a), id(b)))
+            if key not in done and a.ready and b.ready and a.centres.shape == b.centres.shape:
+                done.add(key)
+                pairs.append((a, b))
+    for st in states:
+        st._set_lineage(None)
+    if not pairs:
+        return
+    dev = pairs[0][0].centres.device
+    equal = torch.stack([((a.centres == b.centres).all() & (a.var == b.var).all() & (a.ratio == b.ratio)).to(dev)
+                         for a, b in pairs]).tolist()
+    group: dict[int, list[SlidingClusters]] = {}
+    for (a, b), eq in zip(pairs, equal):
+        if not eq:
+            continue
+        ga, gb = group.get(id(a), [a]), group.get(id(b), [b])
+        if ga is not gb:
+            ga.extend(gb)
+            for st in ga:
+                group[id(st)] = ga
+    for members in {id(g): g for g in group.values()}.values():
+        token = new_token()
+        for st in members:
+            st._set_lineage(token)
+
+
+def refresh_states(states: Sequence[SlidingClusters]) -> None:
+    """:meth:`SlidingClusters.refresh` for many states after their buffers were written in place (one read for
+    the flags, one for the twin comparisons)."""
+    if not states:
+        return
+    dev = states[0].initialised.device
+    for st, flag in zip(states, torch.stack([st.initialised.to(dev) for st in states]).tolist()):
+        st._set_ready(bool(flag))
+    relink(states)
 
 
 def _dist_world() -> int:
@@ -277,15 +481,20 @@ def update_clusters(model: nn.Module) -> None:
     means are those of the pooled tokens -- the same as averaging sums and counts) in one collective, and a data
     initialisation is broadcast from rank 0, so every process holds identical clusters. Every process must call
     this at the same step, as the training loop's ``on_step`` does.
+
+    In one process nothing is read back from the device (the twins' lineage follows from the update); the step
+    that initialises reads the twin comparisons once, and a multi-process run reads them after every update
+    (an all-reduce may sum two twins' equal parts in different orders) plus, while initialising, rank 0's flags.
     """
     states = [m for m in model.modules() if isinstance(m, SlidingClusters)]
     if not states:
         return
     world = _dist_world()
-    ready = [s for s in states if bool(s.initialised)]
-    waiting = [s for s in states if not bool(s.initialised)]
+    ready = [s for s in states if s.ready]
+    waiting = [s for s in states if not s.ready]
     if ready:
         vecs = [s.pending() for s in ready]
+        before = [(s.lineage(), s._pending_tags) for s in ready]
         flat = torch.cat(vecs)
         if world > 1:
             import torch.distributed as dist
@@ -293,6 +502,14 @@ def update_clusters(model: nn.Module) -> None:
             dist.all_reduce(flat)
         for s, part in zip(ready, flat.split([v.numel() for v in vecs])):
             s.apply_sums(part)
+        if world > 1:
+            relink(ready)
+        else:  # equal clusters updated from the sums of the same forwards stay equal: same token, new value
+            derived: dict[tuple, int] = {}
+            for s, (token, tags) in zip(ready, before):
+                if token is not None and (token, tags) not in derived:
+                    derived[token, tags] = new_token()
+                s._set_lineage(None if token is None else derived[token, tags])
     if waiting:
         packs = [s.packed_candidate() for s in waiting]
         flat = torch.cat(packs)
@@ -300,5 +517,12 @@ def update_clusters(model: nn.Module) -> None:
             import torch.distributed as dist
 
             dist.broadcast(flat, src=0)
-        for s, part in zip(waiting, flat.split([p.numel() for p in packs])):
-            s.init_from(part)
+            starts = [0]
+            for p in packs[:-1]:
+                starts.append(starts[-1] + p.numel())
+            flags = [f != 0.0 for f in flat[starts].tolist()]  # rank 0's: read once per step until initialised
+        else:
+            flags = [s._candidate is not None for s in waiting]
+        for s, part, flag in zip(waiting, flat.split([p.numel() for p in packs]), flags):
+            s.init_from(part, flag)
+        relink([s for s, flag in zip(waiting, flags) if flag])

@@ -21,12 +21,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from methods.slim.clustering import seen, unchanged
+
 if TYPE_CHECKING:  # pragma: no cover
     from methods.moe_lora import MoELoRALinear, RouterOutput
 
 
 class DynamicMerging(nn.Module):
-    """Row/column masking settings of one layer plus its fixed-evaluation-mask ``seed`` buffer (int64)."""
+    """Row/column masking settings of one layer plus its fixed-evaluation-mask ``seed`` buffer (int64).
+
+    The forward reads the seed from a Python mirror (:meth:`seed_value`): reading the buffer would wait for the
+    device on every evaluation forward.
+    """
 
     def __init__(self, ratio: float, rescale: bool, phase: str, eval_mask: str, seed: int,
                  device: torch.device | None = None) -> None:
@@ -34,6 +40,39 @@ class DynamicMerging(nn.Module):
         self.ratio, self.rescale, self.phase, self.eval_mask = float(ratio), rescale, phase, eval_mask
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64, device=device))
         self._fixed: dict = {}  # (seed, shapes, device) -> (keep_rows, keep_cols), built on first use
+        self._set_seed_value(int(seed))
+
+    def _set_seed_value(self, value: int) -> None:
+        self._seed_value = value
+        self._seed_seen = seen((self.seed,))
+
+    def seed_value(self) -> int:
+        """The ``seed`` buffer as a Python int; read from the buffer only after a write from outside
+        (``load_state_dict`` and :meth:`refresh` keep the mirror current)."""
+        if not unchanged(self._seed_seen, (self.seed,)):
+            self.refresh()
+        return self._seed_value
+
+    def refresh(self) -> None:
+        """Re-read the seed mirror from the buffer (reads a tensor: not in a forward)."""
+        self._set_seed_value(int(self.seed))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.refresh()  # loading runs outside any forward
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_seed_seen"] = ()  # weak references do not pickle: a copy reads the seed once
+        return state
+
+    def _apply(self, fn, recurse: bool = True):
+        value = self.seed_value()
+        out = super()._apply(fn, recurse)
+        self._set_seed_value(value)  # a move keeps the value: follow the new tensor without reading it
+        return out
 
     def extra_repr(self) -> str:
         return f"p={self.ratio:g}, rescale={self.rescale}, phase={self.phase}, eval_mask={self.eval_mask}"
@@ -53,10 +92,11 @@ class DynamicMerging(nn.Module):
         """Boolean keep masks: rows ``(n, d_out)`` of B and columns ``(n, d_in)`` of A."""
         if not fixed:
             return (torch.rand(n, d_out, device=device) >= self.q, torch.rand(n, d_in, device=device) >= self.q)
-        key = (int(self.seed), n, d_out, d_in, str(device), self.q)
+        seed = self.seed_value()
+        key = (seed, n, d_out, d_in, str(device), self.q)
         if key not in self._fixed:
             self._fixed.clear()
-            g = torch.Generator().manual_seed(int(self.seed))
+            g = torch.Generator().manual_seed(seed)
             rows = torch.rand(n, d_out, generator=g) >= self.q
             cols = torch.rand(n, d_in, generator=g) >= self.q
             self._fixed[key] = (rows.to(device), cols.to(device))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from methods.moe_lora import MoELoRALinear, get_routing_context, is_recomputing, model_routing_stats, moe_layers
-from methods.slim.clustering import SlidingClusters
+from methods.slim.clustering import SlidingClusters, new_token, refresh_states
 from methods.slim.config import SlimConfig
 from methods.slim.merging import DynamicMerging, apply_dynamic_merging, l1_term
 
@@ -28,29 +28,34 @@ def weight_yielding(logits: torch.Tensor, x: torch.Tensor, layer: MoELoRALinear)
     detached input in fp32; ``s = clamp(d, 0, clip)``; identity logits ``+ gamma * s``, LoRA logits
     ``- gamma * s``. In training mode (not during a checkpoint recompute) the real tokens are also handed to the
     clustering for this step's update. Before the clusters are initialised the logits pass unchanged.
+
+    Reads no tensor into Python: it branches on Python-side mirrors of the clustering state (see
+    :class:`SlidingClusters`) and leaves the statistics on the device, so on an accelerator nothing here waits for
+    the device except the initialising forward's compaction of the first batch (see ``clustering.py``).
     """
     st: SlidingClusters = layer.slim_clusters
     lead = x.shape[:-1]
     xf = x.detach().reshape(-1, x.shape[-1]).float()
     real = _real_tokens(lead, xf.device)
     collect = layer.training and not is_recomputing()
-    if not bool(st.initialised):
+    if not st.ready:
         if collect:
             st.observe(xf, real=real)
         return logits
     shared = st.from_twin(x)
     if shared is not None and shared[0] == collect:  # a twin linear read this same input: reuse its work
-        _, d, s, vec = shared
+        _, d, s, vec, tag = shared
     else:
         idx, r, delta = st.ratios(xf)
         vec = st.sums(xf, idx, r, delta, real) if collect else None
         d = st.distance(r)
         s = d.clamp(min=0.0, max=st.clip)
-        st.remember(x, (collect, d, s, vec))
+        tag = new_token()  # names these sums: a twin that reuses them adds the same tag (its lineage follows)
+        st.remember(x, (collect, d, s, vec, tag))
     if vec is not None:
-        st.add_pending(vec)
+        st.add_pending(vec, tag)
     if layer.track_stats and not is_recomputing():
-        st.track(d if real is None else d[real], s if real is None else s[real])
+        st.track(d, s, real)
     if st.gamma == 0.0:
         return logits
     sign = torch.where(layer.is_identity, 1.0, -1.0).to(torch.float32)  # (E,)
@@ -81,7 +86,8 @@ def link_twins(model: nn.Module, names: list[str]) -> None:
     """Make the clustering states of sibling linears that read the same input twins of each other.
 
     Only a candidate set: :meth:`SlidingClusters.from_twin` reuses a twin's work only for the very same input
-    tensor and a bitwise-equal state, so a wrong guess costs a comparison, never a result.
+    tensor and a bitwise-equal state (known from the lineage tokens), so a wrong guess costs a comparison after
+    the initialisation, never a result.
     """
     groups: dict[tuple[str, int], list[SlidingClusters]] = {}
     for name in names:
@@ -92,6 +98,16 @@ def link_twins(model: nn.Module, names: list[str]) -> None:
     for states in groups.values():
         for st in states:
             st.twins = [t for t in states if t is not st]
+
+
+def refresh_mirrors(model: nn.Module) -> None:
+    """Re-read the Python-side mirrors of every SLIM buffer in ``model`` after the buffers were written in place
+    past ``load_state_dict`` (e.g. by ``moe_lora.load_trainable_state``); reads tensors, so call it outside the
+    forward."""
+    refresh_states([m for m in model.modules() if isinstance(m, SlidingClusters)])
+    for m in model.modules():
+        if isinstance(m, DynamicMerging):
+            m.refresh()
 
 
 def layer_seed(base_seed: int, index: int) -> int:
