@@ -52,10 +52,12 @@ def result_inputs(config: dict[str, Any], method: str, method_config: dict[str, 
     ``precision`` is the resolved policy (``train.precision: auto`` means different things on a CPU and a GPU),
     so it replaces the configured value. The thread count is checked separately (see :func:`thread_mismatch`).
     """
-    train = config.get("train")
+    train, ev = config.get("train"), config.get("eval")
     if isinstance(train, dict):
         train = {k: v for k, v in train.items() if k != "precision"}
-    return {"model": config.get("model"), "train": train, "eval": config.get("eval"), "precision": precision,
+    if isinstance(ev, dict):  # per-sample logging changes no number (and records before 1.4 lack the key)
+        ev = {k: v for k, v in ev.items() if k != "log_samples"}
+    return {"model": config.get("model"), "train": train, "eval": ev, "precision": precision,
             "sequence_id": sequence_id, "method": method, "method_config": method_config, "seed": seed}
 
 

@@ -74,11 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prepare", help="download every dataset (and lm-eval task, and optionally the model) a "
                           "run needs into one folder, with a manifest, for offline machines")
-    prep.add_argument("--sequence", required=True, help="sequence name (see `ls sequences`)")
+    prep.add_argument("--sequence", help="sequence name (see `ls sequences`); may be left out with a built-in --model")
     prep.add_argument("--general", metavar="SUITE", help="general suite name or YAML (default: the sequence's)")
     prep.add_argument("--cache", "--data-dir", dest="cache", metavar="DIR",
                       help="where to write (default: $FORGETBENCH_DATA or ~/.cache/forgetbench/data)")
-    prep.add_argument("--model", help="also snapshot this hub model into DIR/models/")
+    prep.add_argument("--model", help="also fetch this model: a hub model is snapshot into DIR/models/; a built-in one "
+                      "(smollm2-135m) is fetched from the package index and converted into the model cache")
     prep.add_argument("--model-revision", help="hub revision of --model (branch, tag or commit)")
     prep.add_argument("--set", action="append", default=[], metavar="ROOT=DIR",
                       help="a local dataset root, e.g. --set trace=/data/LLM-CL-Benchmark_5000 (repeatable)")
@@ -91,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _needs_network(args: argparse.Namespace, base: dict[str, Any]) -> bool:
     """Only a hub model asked for by the user may touch the network; everything else runs offline."""
+    from benchmark.builtin_models import is_builtin
+
     name = args.model or (base.get("model") or {}).get("name")
-    return bool(name) and name != "tiny-world" and not Path(name).expanduser().exists()
+    # a built-in model comes from the package index through pip, never from the hub
+    return bool(name) and name != "tiny-world" and not is_builtin(name) and not Path(name).expanduser().exists()
 
 
 def run_config(args: argparse.Namespace) -> Any:
@@ -171,12 +175,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         if not sep or not name.strip() or not folder.strip():
             raise UserError(f"invalid --set {item!r}: expected ROOT=DIR, e.g. trace=/data/TRACE")
         roots[name.strip()] = folder.strip()
+    from benchmark.builtin_models import BUILTIN_MODELS, ensure_builtin
+
+    if args.sequence is None:
+        if args.model not in BUILTIN_MODELS:
+            raise UserError(f"prepare needs --sequence (see `ls sequences`), or --model with a built-in model "
+                            f"({', '.join(BUILTIN_MODELS)}); got --model {args.model!r}")
+        path = ensure_builtin(args.model)
+        print(f"model {args.model} ({BUILTIN_MODELS[args.model].label}) -> {path}; run with --model {args.model} "
+              f"(offline from here on)")
+        return 0
     configure_data_env(args.cache, roots)
     manifest = prepare(args.sequence, args.general, args.cache, args.model, args.model_revision)
     print(f"prepared {len(manifest['datasets'])} dataset splits and {len(manifest['lm_eval_tasks'])} lm-eval tasks "
           f"-> {manifest['data_root']}/manifest.json; run offline with --data-dir {manifest['data_root']}")
     for mid, info in manifest["models"].items():
-        print(f"model {mid} -> {info['path']} (use --model {info['path']})")
+        print(f"model {mid} -> {info['path']} (use --model {mid if info.get('builtin') else info['path']})")
     return 0
 
 

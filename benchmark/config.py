@@ -114,11 +114,17 @@ class EvalConfig:
 
     batch_size: int = 64
     limit: int | None = None
+    # per-sample rows (benchmark/samples.py): local = the harness's own task specs, all = lm-eval's too, none;
+    # never changes a score, so it is neither in the evaluation cache key nor in a run's result inputs
+    log_samples: str = "local"
 
     def __post_init__(self) -> None:
+        from benchmark.samples import check_log_samples
+
         _positive("eval.batch_size", self.batch_size)
         if self.limit is not None:
             _positive("eval.limit", self.limit)
+        check_log_samples(self.log_samples)
 
 
 @dataclass

@@ -134,6 +134,8 @@ class EvalResult:
     seconds: float
     metrics: dict[str, str] = field(default_factory=dict)
     fewshot: dict[str, int | None] = field(default_factory=dict)
+    # task -> per-sample rows (benchmark/samples.py); only with log_samples, lm-eval subtasks under their own names
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def _find_key(task_result: dict[str, Any], metric: str) -> str | None:
@@ -198,6 +200,7 @@ def evaluate(
     metrics: dict[str, str] | None = None,
     include_path: str | None = None,
     apply_chat_template: bool = False,
+    log_samples: str = "none",
 ) -> EvalResult:
     """Evaluate ``model`` on local task specs and lm-eval tasks; returns scores in points.
 
@@ -209,8 +212,14 @@ def evaluate(
         include_path: folder of extra lm-eval task YAMLs (e.g. offline copies of built-in tasks).
         apply_chat_template: format every prompt with the tokenizer's chat template (instruction models);
             training must then use it too (:func:`benchmark.data.encode_task`).
+        log_samples: per-sample rows in ``EvalResult.samples``: ``local`` (of ``specs``), ``all`` (lm-eval's
+            tasks too) or ``none``. Scores are the same either way.
     """
     from lm_eval.tasks import TaskManager
+
+    from benchmark.samples import check_log_samples, sample_rows
+
+    check_log_samples(log_samples)
 
     t0 = time.perf_counter()
     was_training = model.training
@@ -233,10 +242,19 @@ def evaluate(
     counts: dict[str, int] = {}
     used: dict[str, str] = {}
     shots: dict[str, int | None] = {}
+    samples: dict[str, list[dict[str, Any]]] = {}
+    local_names = {s.name for s in specs}
     try:
         with torch.no_grad():
             for k, task_list in calls:
-                out = _run_lm_eval(lm, manager, task_list, k, limit, apply_chat_template)
+                # "local": only the call holding the specs (task configs, not names) logs; only theirs are kept
+                has_local = any(isinstance(t, dict) for t in task_list)
+                log = log_samples == "all" or (log_samples == "local" and has_local)
+                out = _run_lm_eval(lm, manager, task_list, k, limit, apply_chat_template, log_samples=log)
+                for name, logged in (out.get("samples") or {}).items():
+                    if log_samples == "all" or name in local_names:
+                        output_type = (out.get("configs", {}).get(name) or {}).get("output_type", "")
+                        samples[name] = sample_rows(name, output_type, logged)
                 for s in specs:
                     if s.name in out["results"] and s.name not in scores:
                         key = _find_key(out["results"][s.name], spec_metric(s))
@@ -252,7 +270,7 @@ def evaluate(
     if missing:
         raise RuntimeError(f"lm-eval returned no score for {missing}")
     return EvalResult(scores=scores, n_examples=counts, seconds=time.perf_counter() - t0, metrics=used,
-                      fewshot=shots)
+                      fewshot=shots, samples=samples)
 
 
 # tokenizer -> {(string, add_special_tokens, left_truncate_len, add_bos_token, vocab size): token ids}
@@ -291,14 +309,15 @@ def _memo_hflm_class() -> type:
 
 
 def _run_lm_eval(lm: Any, manager: Any, task_list: list[Any], num_fewshot: int | None, limit: int | None,
-                 chat: bool) -> dict[str, Any]:
+                 chat: bool, log_samples: bool = False) -> dict[str, Any]:
     """What ``lm_eval.simple_evaluate`` does for an in-memory model, minus its environment report.
 
     ``simple_evaluate`` ends every call by collecting ``torch.utils.collect_env`` and git information for its
     results (subprocesses such as ``pip list``: about a second per evaluation, i.e. per stage) that are not kept
     here. This applies the same per-task settings -- the few-shot count (an explicit 0 in a task config wins, as
     there) and the few-shot sampling seed -- and calls ``lm_eval.evaluate``. No global seed is set, so the
-    training RNG streams are left untouched (greedy evaluation needs no randomness).
+    training RNG streams are left untouched (greedy evaluation needs no randomness). ``log_samples`` only adds
+    lm-eval's per-sample log (``out["samples"]``) to the result; the scores are computed the same way.
     """
     import lm_eval
 
@@ -310,7 +329,7 @@ def _run_lm_eval(lm: Any, manager: Any, task_list: list[Any], num_fewshot: int |
         elif num_fewshot is None and default is None:
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=FEWSHOT_SEED)
-    return lm_eval.evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False,
+    return lm_eval.evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=log_samples,
                             apply_chat_template=chat, fewshot_as_multiturn=chat)
 
 

@@ -9,7 +9,8 @@ writes, under the cache folder:
 - ``datasets/...jsonl``: every split of every downstream and local general task, the selected rows in their
   upstream schema (hub datasets and TRACE-style local folders alike);
 - ``hf-datasets/``: the ``datasets`` cache holding lm-eval's own tasks (e.g. MMLU), as lm-eval downloaded them;
-- ``models/<id>/``: the model snapshot, when ``--model`` names a hub model;
+- ``models/<id>/``: the model snapshot, when ``--model`` names a hub model (a built-in model, e.g.
+  ``smollm2-135m``, is converted into the model cache instead, where ``run --model smollm2-135m`` finds it);
 - ``manifest.json``: dataset ids, configs, requested and resolved revisions, sampling rules, row counts and the
   sha256 of each file; lm-eval task names and versions; model ids and paths. Preparing several sequences into
   one folder merges their entries.
@@ -173,11 +174,15 @@ def prepare(sequence: str, general: str | None = None, cache: str | None = None,
         logger.info("downloading lm-eval tasks %s into %s", ", ".join(builtin), os.environ.get("HF_DATASETS_CACHE"))
         manifest["lm_eval_tasks"].update(download_lm_eval_tasks(builtin, suite.include_dir()))
     if model:
+        from benchmark.builtin_models import ensure_builtin, is_builtin
         from benchmark.models import model_slug
 
-        target = root / "models" / model_slug(model)
-        manifest["models"][model] = {"path": download_model(model, model_revision, target),
-                                     "revision": model_revision}
+        if is_builtin(model):  # kept in the model cache, where `run --model <name>` looks
+            manifest["models"][model] = {"path": str(ensure_builtin(model)), "builtin": True}
+        else:
+            target = root / "models" / model_slug(model)
+            manifest["models"][model] = {"path": download_model(model, model_revision, target),
+                                         "revision": model_revision}
     import lm_eval
 
     manifest["prepared"].append({"sequence": seq.name, "general": suite.name or general, "lm_eval_tasks": builtin,

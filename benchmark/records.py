@@ -20,8 +20,9 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1.3"  # 1.1: ``variant`` column in runs.csv and leaderboard.csv; 1.2: ``base_model_hash``;
-# 1.3: ``precision`` (the resolved train.precision policy)
+SCHEMA_VERSION = "1.4"  # 1.1: ``variant`` column in runs.csv and leaderboard.csv; 1.2: ``base_model_hash``;
+# 1.3: ``precision`` (the resolved train.precision policy); 1.4: per-sample files ``samples/`` named by
+# ``base_samples`` and ``stages[].samples``
 SCORE_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence", "sequence_id", "seed", "status",
                  "stage", "stage_task", "task", "task_group", "metric", "value", "n_examples", "eval_batch_size"]
 ROUTING_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence_id", "seed", "stage",

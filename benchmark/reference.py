@@ -99,6 +99,8 @@ def run_joint(plan: Any, seed: int, base_path: Path | None, out_dir: Path, accel
             rec["R"].append(base["R0"])
             rec["G"].append(base["G0"])
             rec["n_examples"] = base["n_examples"]
+            if "samples" in base:
+                rec["base_samples"] = base["samples"]
             method = cls(mcfg)
             model = method.wrap(model)
             rec["costs"] = {f"{k}_params": v for k, v in method.param_counts(model).items()}
@@ -118,7 +120,7 @@ def run_joint(plan: Any, seed: int, base_path: Path | None, out_dir: Path, accel
             rec["G"].append(g)
             rec["stages"].append({"stage": 1, "task": "joint", "steps": stats.steps, "train_seconds": stats.seconds,
                                   "eval_seconds": res["seconds"], "final_loss": stats.final_loss,
-                                  "tokens": stats.tokens})
+                                  "tokens": stats.tokens, **({"samples": res["samples"]} if "samples" in res else {})})
             rec["diagnostics"].append({"stage": 1, **method.diagnostics(model)})
             rec["status"], rec["failed_stage"] = "success", None
             logger.info("[%s] joint training, %d steps: %s", rid, stats.steps,

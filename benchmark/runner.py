@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,11 @@ def seed_everything(seed: int) -> None:
 
 
 def base_model_path(plan: Plan, quiet: bool) -> Path | None:
-    """The tiny-world cache directory (built on first use), or None for a hub / local model."""
+    """The cached folder of tiny-world or a built-in model (built on first use), or None for a hub / local model."""
+    from benchmark.builtin_models import ensure_builtin, is_builtin
+
+    if is_builtin(plan.cfg.model.name):
+        return ensure_builtin(plan.cfg.model.name)
     if plan.cfg.model.name != TINY_WORLD:
         return None
     from benchmark.models import tinyworld_path
@@ -167,31 +172,62 @@ def _eval_settings(plan: Plan, model: Any) -> dict[str, Any]:
             "chat_template": plan.cfg.model.chat_template, "device": device, "precision": plan.precision}
 
 
-def _run_evaluate(plan: Plan, model: Any, tok: Any) -> Any:
+def _run_evaluate(plan: Plan, model: Any, tok: Any, log_samples: str = "none") -> Any:
     """:func:`benchmark.evaluate.evaluate` with the plan's tasks, suite settings and chat-template choice."""
     suite = plan.sequence.general
     with autocast(plan.precision, next(model.parameters()).device.type):  # evaluation computes as training did
         return evaluate(model, tok, plan.tasks + plan.general, plan.general_builtin,
                         batch_size=plan.cfg.eval.batch_size, limit=plan.cfg.eval.limit, num_fewshot=suite.num_fewshot,
                         fewshot=suite.fewshot, metrics=suite.metrics, include_path=suite.include_dir(),
-                        apply_chat_template=plan.cfg.model.chat_template)
+                        apply_chat_template=plan.cfg.model.chat_template, log_samples=log_samples)
 
 
 def _evaluate(plan: Plan, model: Any, tok: Any, model_key: str, out_dir: Path, label: str,
               what: str) -> dict[str, Any]:
-    """Scores of ``model`` on every task (through the content-keyed cache), leaving the RNG streams untouched."""
+    """Scores of ``model`` on every task (through the content-keyed cache), leaving the RNG streams untouched.
 
+    With ``eval.log_samples`` on, the result also names its per-sample file (``samples``: a path relative to
+    ``out_dir``, keyed like the cache entry; :mod:`benchmark.samples`). A cache hit without that file (an entry
+    made with samples off, or before they existed) is evaluated again to write it; the cached scores are kept.
+    """
     from benchmark.distributed import on_main
+    from benchmark.samples import samples_candidates, write_samples
+
+    mode = plan.cfg.eval.log_samples
+    # eval.log_samples is not part of the key: samples never change a score, so both settings share entries
+    key, parts = eval_key(model_key, plan.tasks + plan.general, plan.general_builtin, _eval_settings(plan, model))
+    files = [] if mode == "none" else samples_candidates(out_dir, key, mode == "all" and bool(plan.general_builtin))
 
     def compute() -> dict[str, Any]:
-        res = _run_evaluate(plan, model, tok)
-        return {"scores": res.scores, "n_examples": res.n_examples, "seconds": res.seconds}
+        res = _run_evaluate(plan, model, tok, mode)
+        seconds = res.seconds
+        if files:
+            t0 = time.perf_counter()
+            write_samples(files[0], [row for rows in res.samples.values() for row in rows])
+            seconds += time.perf_counter() - t0  # part of the evaluation's cost
+        return {"scores": res.scores, "n_examples": res.n_examples, "seconds": seconds}
 
-    key, parts = eval_key(model_key, plan.tasks + plan.general, plan.general_builtin, _eval_settings(plan, model))
+    def lookup() -> tuple[dict[str, Any], bool]:
+        cache = EvalCache(cache_dir(out_dir))
+        stale = cache.get(key, parts, label) if files and not any(f.is_file() for f in files) else None
+        if stale is None:
+            result, hit = cache.get_or_compute(key, parts, compute, label=label, what=what)
+        else:
+            logger.info("%s: cache hit %s-%s has no samples file; evaluating again to write it", what, label,
+                        key[:12])
+            fresh = compute()
+            if fresh["scores"] != stale["scores"]:  # never seen: evaluation is deterministic on one machine
+                logger.warning("%s: re-evaluation for samples gave other scores than cache entry %s-%s (%s vs %s); "
+                               "keeping the cached scores", what, label, key[:12], fresh["scores"], stale["scores"])
+            result, hit = {**stale, "seconds": fresh["seconds"]}, False
+        if files:
+            path = next((f for f in files if f.is_file()), files[0])
+            result = {**result, "samples": path.relative_to(out_dir).as_posix()}
+        return result, hit
+
     with preserved_rng():  # a cache hit and a fresh evaluation leave training in the same state
         # several processes: rank 0 evaluates (and writes the cache) while the others wait; all get its result
-        result, hit = on_main(lambda: EvalCache(cache_dir(out_dir)).get_or_compute(key, parts, compute, label=label,
-                                                                                   what=what))
+        result, hit = on_main(lookup)
     if hit:
         result = {**result, "seconds": 0.0}
     return result
@@ -224,7 +260,8 @@ def base_evaluation(plan: Plan, model: Any, tok: Any, base_hash: str, out_dir: P
         base_hash = model_hash(model)
     res = _evaluate(plan, model, tok, base_hash, out_dir, "base-eval", "base evaluation")
     r, g = _rows(plan, res)
-    return {"R0": r, "G0": g, "n_examples": res["n_examples"], "seconds": res["seconds"]}
+    samples = {"samples": res["samples"]} if "samples" in res else {}  # absent with eval.log_samples: none
+    return {"R0": r, "G0": g, "n_examples": res["n_examples"], "seconds": res["seconds"], **samples}
 
 
 def _peak_memory_mb() -> float:
@@ -260,10 +297,12 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False, force: bool = Fal
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(cfg.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator()
-    with accelerator.main_process_first():  # rank 0 builds the tiny-world base; the others then find it cached
+    # rank 0 builds (or fetches) the base; the others then find it cached. Before the output folder exists, so a
+    # failed fetch leaves nothing behind.
+    with accelerator.main_process_first():
         base_path = base_model_path(plan, quiet)
+    out_dir.mkdir(parents=True, exist_ok=True)
     failed = []
     for method_name, seed in plan.runs():
         rec = run_one(plan, method_name, seed, base_path, out_dir, accelerator, quiet=quiet, force=force)

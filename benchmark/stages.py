@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from benchmark import checkpoint
+from benchmark.builtin_models import model_label, model_source
 from benchmark.distributed import on_main
 from benchmark.errors import UserError
 from benchmark.evaluate import spec_metric
@@ -36,7 +37,8 @@ logger = logging.getLogger(__name__)
 def new_record(plan: Plan, rid: str, method_name: str, seed: int, mcfg: Any) -> dict[str, Any]:
     """A run record before its first stage (status ``running``)."""
     return {
-        "schema_version": SCHEMA_VERSION, "run_id": rid, "method": method_name, "model": plan.cfg.model.name,
+        "schema_version": SCHEMA_VERSION, "run_id": rid, "method": method_name,
+        "model": model_label(plan.cfg.model.name), "model_source": model_source(plan.cfg.model.name),
         "sequence": plan.sequence.name, "sequence_id": plan.sequence_id, "seed": seed, "status": "running",
         "error": None, "failed_stage": None, "config": plan.cfg.to_dict(), "method_config": mcfg.to_dict(),
         "precision": plan.precision,
@@ -177,6 +179,8 @@ def _stage_loop(plan: Plan, method_name: str, seed: int, rid: str, base_path: Pa
         rec["R"].append(base["R0"])
         rec["G"].append(base["G0"])
         rec["n_examples"] = base["n_examples"]
+        if "samples" in base:  # stage 0 has no entry in "stages" (it trains nothing): named here
+            rec["base_samples"] = base["samples"]
         rec["costs"] = {f"{k}_params": v for k, v in method.param_counts(model).items()}
         rec["diagnostics"].append({"stage": 0, **method.diagnostics(model)})
     if torch.cuda.is_available():
@@ -201,7 +205,8 @@ def _stage_loop(plan: Plan, method_name: str, seed: int, rid: str, base_path: Pa
         rec["stages"].append({"stage": i, "task": task.name, "steps": stats.steps, "train_seconds": stats.seconds,
                               "eval_seconds": res["seconds"], "final_loss": stats.final_loss, "tokens": stats.tokens,
                               "model_key": key,  # content hash of the model after this stage
-                              "rank_model_keys": gather_objects(key)})  # one per process: equal iff in sync
+                              "rank_model_keys": gather_objects(key),  # one per process: equal iff in sync
+                              **({"samples": res["samples"]} if "samples" in res else {})})
         rec["diagnostics"].append({"stage": i, **method.diagnostics(model)})
         if accelerator.is_main_process:  # the resume point: written after the stage's rows are in the record
             checkpoint.save_stage(ckpt_dir, i, state, gen, {

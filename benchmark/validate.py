@@ -65,6 +65,10 @@ def model_module_names(mcfg: ModelConfig) -> set[str]:
     """Dotted module names of the base model, from its config alone (built on ``meta``: no weights, no memory)."""
     from transformers import AutoConfig, LlamaConfig
 
+    from benchmark.builtin_models import BUILTIN_MODELS
+
+    if mcfg.name in BUILTIN_MODELS:  # its architecture is pinned with it: checked without fetching anything
+        return _meta_module_names(LlamaConfig(**BUILTIN_MODELS[mcfg.name].llama_config), False)
     if mcfg.name == TINY_WORLD:
         p = mcfg.pretrain  # the tiny-world model is a Llama (benchmark.models.pretrain_tinyworld)
         config = LlamaConfig(vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,

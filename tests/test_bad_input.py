@@ -121,6 +121,7 @@ CASES = [
     ("seeds not integers", ["--seeds", "a,b"], "'a,b'"),
     ("negative seed", ["--seeds=-1"], "seed: -1"),
     ("limit 0", ["--set", "eval.limit=0"], "eval.limit: 0"),
+    ("bad log_samples", ["--set", "eval.log_samples=some"], "eval.log_samples: 'some'; valid: local, all, none"),
     ("zero threads", ["--set", "num_threads=0"], "num_threads: 0"),
     ("unknown flag", ["--bogus"], "--bogus"),
     ("missing config file", ["--config", "/nonexistent/x.yaml"], "'/nonexistent/x.yaml'"),
