@@ -15,8 +15,21 @@ Goal (issue 9): <method> <= 1.1x lora@<method>. Also reported: every variant as 
 parameter match, tokens/s. Two model sizes: "realistic" (hidden 512, 4 layers, FFN 1408, vocab 8192, batch 8 x
 128 tokens) and, for information, the tiny-world shape (hidden 128, 4 layers, FFN 512, vocab 1024, batch 64 x 32).
 
+``--shape smollm2``: instead, a randomly initialised model of SmolLM2-135M's shape (Llama: 30 layers, hidden 576,
+FFN 1536, 9 heads / 3 key-value heads of dim 64, vocab 49,152, tied embeddings, rope theta 1e5, rms eps 1e-5;
+the same compute as the real checkpoint), batch 4 x 128 tokens by default (``--batch``/``--seq``; 8 x 128 costs
+twice as long), goal <method> <= 1.15x lora@<method>, with full_ft and plain lora (their default configs) timed
+in the same rounds for tokens/s (``--extras``), no floors unless ``--floors`` (they cost time, and the ratios to
+lora do not need them), one torch thread unless ``--threads`` (e.g. ``1,2``: each count measured in turn on the
+same models). Writes results/bench/train_step_smollm2.json (another batch or depth:
+train_step_smollm2_b<B>x<S>[_l<L>].json).
+
+"x lora (cpu s)": the same paired ratio of process CPU seconds per step instead of wall seconds; with one thread
+on a loaded machine it leaves out the waits for a core (with several threads it counts their spin-waits too).
+
 Usage: python scripts/bench_train_step.py [--methods loramoe,slim,hilo] [--rounds 5] [--sizes realistic,tiny]
        [--device cuda --dtype bf16] [--quick]. Writes results/bench/train_step.json.
+       python scripts/bench_train_step.py --shape smollm2 [--rounds 3] [--threads 1,2] [--batch 8]
 """
 
 from __future__ import annotations
@@ -29,26 +42,42 @@ from typing import Any
 from benchlib import (device_and_dtype, fmt_table, interleaved, medians, offline_env, ratio_row, registered_methods,
                       verdict, write_result)
 
-SIZES = {  # name -> model shape and batch
+SIZES: dict[str, dict[str, Any]] = {  # name -> model shape and batch
     "realistic": {"hidden": 512, "layers": 4, "ffn": 1408, "heads": 8, "vocab": 8192, "batch": 8, "seq": 128},
     "tiny": {"hidden": 128, "layers": 4, "ffn": 512, "heads": 4, "vocab": 1024, "batch": 64, "seq": 32},
 }
 GOAL = 1.1
+# --shape smollm2: HuggingFaceTB/SmolLM2-135M's config.json (LlamaForCausalLM); the batch is a CPU-sized default
+SMOLLM2 = {"hidden": 576, "layers": 30, "ffn": 1536, "heads": 9, "kv_heads": 3, "vocab": 49152, "tie": True,
+           "rope_theta": 100000.0, "rms_eps": 1e-5, "max_pos": 8192, "batch": 4, "seq": 128}
+SMOLLM2_GOAL = 1.15
 
 
-def build_model(shape: dict[str, int], device: Any, dtype: Any) -> Any:
+def llama_config(shape: dict[str, Any]) -> Any:
+    """The ``LlamaConfig`` of a shape; keys a shape leaves out keep the values the default shapes always used."""
+    from transformers import LlamaConfig
+
+    extra = {}
+    if "rope_theta" in shape:
+        extra["rope_theta"] = shape["rope_theta"]
+    if "rms_eps" in shape:
+        extra["rms_norm_eps"] = shape["rms_eps"]
+    return LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
+                       num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                       num_key_value_heads=shape.get("kv_heads", shape["heads"]),
+                       max_position_embeddings=shape.get("max_pos", max(256, shape["seq"])),
+                       tie_word_embeddings=bool(shape.get("tie", False)), **extra)
+
+
+def build_model(shape: dict[str, Any], device: Any, dtype: Any) -> Any:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
-                      num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                      num_key_value_heads=shape["heads"], max_position_embeddings=max(256, shape["seq"]),
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    return LlamaForCausalLM(llama_config(shape)).to(device=device, dtype=dtype)
 
 
-def make_batch(shape: dict[str, int], device: Any) -> dict[str, Any]:
+def make_batch(shape: dict[str, Any], device: Any) -> dict[str, Any]:
     import torch
 
     g = torch.Generator().manual_seed(1)
@@ -151,7 +180,10 @@ def matched_lora(base: Any, targets: list[str], trainable: int, dropout: float) 
     return method, model, r
 
 
-def bench_size(size: str, shape: dict[str, int], methods: list[str], a: argparse.Namespace) -> dict[str, Any]:
+def bench_size(size: str, shape: dict[str, Any], methods: list[str], a: argparse.Namespace,
+               goal: float = GOAL) -> dict[str, Any]:
+    """Build every variant once, then time them interleaved at each thread count of ``a.threads`` (None: torch's
+    current count). One thread count: the result record; several: ``{"threads=<n>": record, ...}``."""
     import torch
 
     device, dtype, sync = device_and_dtype(a.device, a.dtype)
@@ -159,14 +191,15 @@ def bench_size(size: str, shape: dict[str, int], methods: list[str], a: argparse
     batch = make_batch(shape, device)
     variants: dict[str, Any] = {}
     info: dict[str, Any] = {}
-    floors: dict[str, str] = {}  # method -> its floor variant
+    floors: dict[str, str] = {}  # method -> its floor variant (none without floors)
     keep: list[Any] = []  # keep models alive while their closures are timed
     for name in methods:
         method, model = wrap_method(name, base)
         start = first_adapted(model)
-        floors[name] = f"floor@{start.rsplit('.', 1)[-1]}"
-        if floors[name] not in variants:
-            variants[floors[name]] = floor_fn(copy.deepcopy(base), batch, start)
+        if a.floors:
+            floors[name] = f"floor@{start.rsplit('.', 1)[-1]}"
+            if floors[name] not in variants:
+                variants[floors[name]] = floor_fn(copy.deepcopy(base), batch, start)
         counts = method.param_counts(model)
         targets = targets_of(model)
         dropout = float(getattr(method.config, "dropout", 0.0))
@@ -178,61 +211,135 @@ def bench_size(size: str, shape: dict[str, int], methods: list[str], a: argparse
         variants[name] = train_step_fn(model, method, batch)
         variants[f"lora@{name}"] = train_step_fn(lmodel, lmethod, batch)
         keep += [model, lmodel]
-    times = interleaved(variants, rounds=a.rounds, warmup=a.warmup, sync=sync)
+    for name in a.extras:  # other registered methods with their default configs, for tokens/s only
+        method, model = wrap_method(name, base)
+        info[name] = {"trainable": method.param_counts(model)["trainable"], "extra": True}
+        variants[name] = train_step_fn(model, method, batch)
+        keep.append(model)
+    del base
+    records = {}
+    for threads in a.threads or [None]:
+        if threads:
+            torch.set_num_threads(threads)
+        records[f"threads={torch.get_num_threads()}"] = time_variants(size, shape, methods, a, variants, info,
+                                                                      floors, goal, sync, device)
+    return next(iter(records.values())) if len(records) == 1 else records
+
+
+def time_variants(size: str, shape: dict[str, Any], methods: list[str], a: argparse.Namespace,
+                  variants: dict[str, Any], info: dict[str, Any], floors: dict[str, str], goal: float, sync: Any,
+                  device: Any) -> dict[str, Any]:
+    import os
+
+    import torch
+
+    load0 = os.getloadavg()
+    cpu: dict[str, list[float]] = {}
+    times = interleaved(variants, rounds=a.rounds, warmup=a.warmup, sync=sync, cpu=cpu)
+    load1 = os.getloadavg()
     med = medians(times)
     tokens = shape["batch"] * shape["seq"]
-    out: dict[str, Any] = {"shape": shape, "device": str(device), "dtype": a.dtype, "methods": info,
-                           "median_s": med, "times_s": times,
-                           "tokens_per_s": {k: tokens / v for k, v in med.items()}, "ratios": {}}
+    out: dict[str, Any] = {"shape": shape, "device": str(device), "dtype": a.dtype, "threads": torch.get_num_threads(),
+                           "load_avg_before": list(load0), "load_avg_after": list(load1), "methods": info,
+                           "median_s": med, "times_s": times, "cpu_median_s": medians(cpu), "cpu_s": cpu,
+                           "tokens_per_s": {k: tokens / v for k, v in med.items()},
+                           "tokens_per_cpu_s": {k: tokens / v for k, v in medians(cpu).items()}, "ratios": {}}
     rows = []
     for name in methods:
         vs_lora = ratio_row(times, name, f"lora@{name}")
-        vs_floor = ratio_row(times, name, floors[name])
-        lora_floor = ratio_row(times, f"lora@{name}", floors[name])
-        out["ratios"][name] = {"vs_lora": vs_lora, "vs_floor": vs_floor, "lora_vs_floor": lora_floor,
-                               "floor": floors[name]}
+        vs_lora_cpu = ratio_row(cpu, name, f"lora@{name}")
+        out["ratios"][name] = {"vs_lora": vs_lora, "vs_lora_cpu": vs_lora_cpu}
         i = info[name]
-        rows.append([name, i["trainable"], f"r={i['lora_rank']} ({i['param_match']:.3f}x)", med[name] * 1e3,
-                     med[f"lora@{name}"] * 1e3, f"{tokens / med[name]:.0f}", vs_lora["paired"], vs_lora["of_medians"],
-                     vs_floor["paired"], lora_floor["paired"], verdict(vs_lora["paired"], "<=", GOAL)])
+        row = [name, i["trainable"], f"r={i['lora_rank']} ({i['param_match']:.3f}x)", med[name] * 1e3,
+               med[f"lora@{name}"] * 1e3, f"{tokens / med[name]:.0f}", vs_lora["paired"], vs_lora["of_medians"],
+               vs_lora_cpu["paired"]]
+        if floors:
+            vs_floor = ratio_row(times, name, floors[name])
+            lora_floor = ratio_row(times, f"lora@{name}", floors[name])
+            out["ratios"][name].update(vs_floor=vs_floor, lora_vs_floor=lora_floor, floor=floors[name])
+            row += [vs_floor["paired"], lora_floor["paired"]]
+        rows.append(row + [verdict(vs_lora["paired"], "<=", goal)])
+    floor_note = "; " + ", ".join(f"{f} {med[f] * 1e3:.1f} ms ({tokens / med[f]:.0f} tok/s)"
+                                  for f in sorted(set(floors.values()))) if floors else ""
     print(f"\n[{size}] hidden={shape['hidden']} layers={shape['layers']} ffn={shape['ffn']} vocab={shape['vocab']} "
           f"batch={shape['batch']}x{shape['seq']} device={device} dtype={a.dtype} threads={torch.get_num_threads()} "
-          f"rounds={a.rounds}; " + ", ".join(f"{f} {med[f] * 1e3:.1f} ms ({tokens / med[f]:.0f} tok/s)"
-                                             for f in sorted(set(floors.values()))))
+          f"rounds={a.rounds} load avg {load0[0]:.2f} -> {load1[0]:.2f}" + floor_note)
     print(fmt_table(rows, ["method", "trainable", "lora match", "ms", "lora ms", "tok/s", "x lora (paired)",
-                           "x lora (medians)", "x floor", "lora x floor", f"<= {GOAL}x lora"]))
+                           "x lora (medians)", "x lora (cpu s)"] + (["x floor", "lora x floor"] if floors else [])
+                    + [f"<= {goal}x lora"]))
+    if a.extras:
+        cmed = medians(cpu)
+        print(fmt_table([[n, info[n]["trainable"], med[n] * 1e3, f"{tokens / med[n]:.0f}", cmed[n] * 1e3,
+                          f"{tokens / cmed[n]:.0f}"] for n in a.extras],
+                        ["default config", "trainable", "ms", "tok/s", "cpu ms", "tok/cpu s"]))
     return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="loramoe,slim,hilo", help="comma-separated MoE-LoRA methods")
+    ap.add_argument("--shape", default="default", choices=["default", "smollm2"],
+                    help="default: the --sizes models; smollm2: SmolLM2-135M's shape (see above)")
     ap.add_argument("--sizes", default="realistic,tiny", help=f"comma-separated, from {', '.join(SIZES)}")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    ap.add_argument("--layers", type=int, help="override the realistic model's layer count")
+    ap.add_argument("--rounds", type=int, help="interleaved timed rounds (default 5; smollm2: 3)")
+    ap.add_argument("--warmup", type=int, help="untimed steps per variant first (default 2; smollm2: 1)")
+    ap.add_argument("--layers", type=int, help="override the realistic (or smollm2) model's layer count")
+    ap.add_argument("--batch", type=int, help="override the batch size (smollm2 only)")
+    ap.add_argument("--seq", type=int, help="override the sequence length (smollm2 only)")
+    ap.add_argument("--threads", help="comma-separated torch thread counts, each timed in turn (smollm2 default: 1)")
+    ap.add_argument("--extras", help="comma-separated methods timed with their default configs for tokens/s "
+                                     "(smollm2 default: full_ft,lora)")
+    ap.add_argument("--floors", action=argparse.BooleanOptionalAction, default=None,
+                    help="time the frozen-model floors (default: yes; smollm2: no)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--quick", action="store_true", help="2 rounds, 1 warm-up, 2-layer realistic model (smoke run)")
     a = ap.parse_args(argv)
+    smol = a.shape == "smollm2"
+    a.rounds = a.rounds or (3 if smol else 5)
+    a.warmup = a.warmup if a.warmup is not None else (1 if smol else 2)
+    a.floors = (not smol) if a.floors is None else a.floors
+    a.threads = [int(t) for t in (a.threads or ("1" if smol else "")).split(",") if t.strip()]
     if a.quick:
         a.rounds, a.warmup, a.layers = 2, 1, a.layers or 2
     offline_env()
     methods, skipped = registered_methods([m.strip() for m in a.methods.split(",") if m.strip()])
-    for name, why in skipped.items():
+    extras, skipped_extras = registered_methods([m.strip() for m in (a.extras if a.extras is not None else
+                                                 ("full_ft,lora" if smol else "")).split(",") if m.strip()])
+    a.extras = extras
+    for name, why in {**skipped, **skipped_extras}.items():
         print(f"skipped {name}: {why}")
     if not methods:
         raise SystemExit("no MoE-LoRA method is registered; nothing to compare")
     results = {}
-    for size in [s.strip() for s in a.sizes.split(",") if s.strip()]:
-        shape = dict(SIZES[size])
-        if a.layers and size == "realistic":
-            shape["layers"] = a.layers
-        results[size] = bench_size(size, shape, methods, a)
-    worst = max(r["ratios"][m]["vs_lora"]["paired"] for r in results.values() for m in methods)
+    if smol:
+        shape = dict(SMOLLM2)
+        for key in ("layers", "batch", "seq"):
+            if getattr(a, key):
+                shape[key] = getattr(a, key)
+        results["smollm2"] = bench_size("smollm2", shape, methods, a, goal=SMOLLM2_GOAL)
+    else:
+        for size in [s.strip() for s in a.sizes.split(",") if s.strip()]:
+            shape = dict(SIZES[size])
+            if a.layers and size == "realistic":
+                shape["layers"] = a.layers
+            results[size] = bench_size(size, shape, methods, a)
+    records = [r for res in results.values() for r in (res.values() if "ratios" not in res else [res])]
+    worst = max(r["ratios"][m]["vs_lora"]["paired"] for r in records for m in methods)
     assert math.isfinite(worst)
-    write_result("train_step", {"goal": f"<method> <= {GOAL}x lora of equal trainable parameters",
-                                "methods": methods, "skipped": skipped, "rounds": a.rounds, "results": results})
+    goal = SMOLLM2_GOAL if smol else GOAL
+    extra = {"shape_source": "HuggingFaceTB/SmolLM2-135M config.json, random weights", "extras": extras,
+             "threads": a.threads, "skipped_extras": skipped_extras} if smol else {}
+    name = "train_step"
+    if smol:  # a non-default batch or depth gets its own file, so the default figures are not overwritten
+        shape = results["smollm2"]["shape"] if "shape" in results["smollm2"] else \
+            next(iter(results["smollm2"].values()))["shape"]
+        name = "train_step_smollm2" + ("" if (shape["batch"], shape["seq"]) == (SMOLLM2["batch"], SMOLLM2["seq"])
+                                       else f"_b{shape['batch']}x{shape['seq']}") \
+            + ("" if shape["layers"] == SMOLLM2["layers"] else f"_l{shape['layers']}")
+    write_result(name,
+                 {"goal": f"<method> <= {goal}x lora of equal trainable parameters", "methods": methods,
+                  "skipped": skipped, "rounds": a.rounds, "warmup": a.warmup, **extra, "results": results})
     return results
 
 

@@ -48,20 +48,28 @@ def device_and_dtype(device: str, dtype: str) -> tuple[Any, Any, Callable[[], No
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, warmup: int,
-                sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Seconds of each call of each variant: ``warmup`` untimed calls each, then ``rounds`` interleaved rounds."""
+                sync: Callable[[], None] = lambda: None,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Seconds of each call of each variant: ``warmup`` untimed calls each, then ``rounds`` interleaved rounds.
+
+    ``cpu``, when given, is filled with the process CPU seconds of each timed call as well (all threads summed:
+    with one torch thread, the compute time without the waits for a core that a loaded machine adds)."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
         sync()
     times: dict[str, list[float]] = {k: [] for k in variants}
+    if cpu is not None:
+        cpu.update({k: [] for k in variants})
     for _ in range(rounds):
         for k, fn in variants.items():
             sync()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             sync()
             times[k].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu[k].append(time.process_time() - c0)
     return times
 
 
