@@ -57,6 +57,10 @@ class Registry(Generic[T]):
 
         return deco if obj is None else deco(obj)
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` if registered (e.g. a task or sequence a test registered for itself)."""
+        self._entries.pop(name, None)
+
     # -- discovery ------------------------------------------------------------------------------
     def _load_builtins(self) -> None:
         if self._builtins_loaded or self.builtin_package is None:

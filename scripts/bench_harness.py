@@ -14,9 +14,9 @@ Goal (issue 9): overhead <= 10 % of the wall time. Then the caches are shown at 
 pretraining and the base-model evaluation are reused, not recomputed; ``--cache-demo rerun`` repeats the command
 with ``--force``: every evaluation, the stage ones included, comes from the cache (slower: it retrains).
 
-Usage: python scripts/bench_harness.py [--methods full_ft,lora] [--set KEY=VALUE ...]
+Usage: python scripts/bench_harness.py [--methods full_ft,lora] [--model smollm2-135m] [--set KEY=VALUE ...]
        [--cache-demo next-seed|rerun|none] [--quick].
-Writes results/bench/harness.json.
+Writes results/bench/harness.json (harness_<model>.json with --model; goal there: overhead <= 5 %).
 """
 
 from __future__ import annotations
@@ -30,17 +30,19 @@ from typing import Any
 
 from benchlib import fmt_table, offline_env, probe_run, verdict, write_result
 
-GOAL = 10.0  # percent
+GOAL = 10.0  # percent, tiny-world (issue 9)
+REAL_MODEL_GOAL = 5.0  # percent, a real model such as --model smollm2-135m (issue 14): more work per call
 QUICK = ["train.steps_scale=0.1", "eval.limit=40"]
 
 
-def ensure_base_model(sets: list[str]) -> None:
-    """Build the tiny-world base model now if it is not cached, so pretraining stays out of the measurement."""
+def ensure_base_model(sets: list[str], model: str | None = None) -> None:
+    """Build (or fetch) the base model now if it is not cached, so that stays out of the measurement."""
     offline_env()
     from benchmark.config import make_config
     from benchmark.runner import base_model_path, make_plan
 
-    plan = make_plan(make_config({"methods": ["lora"]}, [s for s in sets if s.startswith("model.")]))
+    base = {"methods": ["lora"], **({"model": {"name": model}} if model else {})}
+    plan = make_plan(make_config(base, [s for s in sets if s.startswith("model.")]))
     base_model_path(plan, quiet=True)
 
 
@@ -79,16 +81,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="a second run that shows the caches (see above)")
     ap.add_argument("--quick", action="store_true", help=f"smoke run ({' '.join(QUICK)}): NOT a default run")
     ap.add_argument("--keep", type=Path, help="keep the run's output folder here (default: a temp dir)")
+    ap.add_argument("--model", help="base model of the run (default: tiny-world); e.g. smollm2-135m, whose goal is "
+                    f"<= {REAL_MODEL_GOAL:.0f} %% and whose figures go to harness_<model>.json")
     a = ap.parse_args(argv)
     sets = a.set + (QUICK if a.quick else [])
-    ensure_base_model(sets)
+    goal = REAL_MODEL_GOAL if a.model and a.model != "tiny-world" else GOAL
+    ensure_base_model(sets, a.model)
     tmp = Path(tempfile.mkdtemp(prefix="fb-bench-harness-"))
     out_dir = a.keep or tmp / "out"
     if out_dir.exists():
         shutil.rmtree(out_dir)
 
     def command(seeds: str, extra: list[str]) -> list[str]:
-        cli = ["run", *(["--methods", a.methods] if a.methods else []), "--seeds", seeds, "--output", str(out_dir)]
+        cli = ["run", *(["--methods", a.methods] if a.methods else []), *(["--model", a.model] if a.model else []),
+               "--seeds", seeds, "--output", str(out_dir)]
         for s in sets + extra:
             cli += ["--set", s]
         return cli
@@ -113,8 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ["OVERHEAD", first["overhead_s"], first["overhead_pct"]]]
     rows += [[f"  {k}", v, 100 * v / first["wall_s"]] for k, v in first["breakdown_s"].items()]
     print(fmt_table(rows, ["phase", "seconds", "% of wall"]))
-    print(f"overhead {first['overhead_pct']:.1f} % of wall (goal <= {GOAL:.0f} %): "
-          f"{verdict(first['overhead_pct'], '<=', GOAL)}")
+    print(f"overhead {first['overhead_pct']:.1f} % of wall (goal <= {goal:.0f} %): "
+          f"{verdict(first['overhead_pct'], '<=', goal)}")
     print(f"evaluate() calls: {first['calls'].get('evaluate', 0)}, train_stage() calls: "
           f"{first['calls'].get('train_stage', 0)}; cache hits in this run: {len(first['cache_hits'])}")
     for line in first["cache_hits"]:
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "methods package, so an edit under methods/ between the two runs makes it a miss)")
     costs = [{k: r.get("costs", {}).get(k) for k in ("train_seconds", "eval_seconds", "wall_seconds",
                                                      "peak_memory_mb")} | {"run_id": r["run_id"]} for r in records]
-    write_result("harness", {"goal": f"overhead <= {GOAL} % of wall", "command": shown,
+    name = "harness" if not a.model or a.model == "tiny-world" else f"harness_{a.model.replace('-', '_')}"
+    write_result(name, {"goal": f"overhead <= {goal} % of wall", "command": shown,
                              "quick": a.quick, "first": first, "rerun": rerun, "record_costs": costs})
     return first
 

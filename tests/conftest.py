@@ -21,9 +21,8 @@ TINY_RECIPE = [
 TINY_RUN = TINY_RECIPE + ["train.max_steps=3", "train.batch_size=8", "eval.limit=6", "eval.batch_size=16"]
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a network connection fails the test (loopback and unix sockets stay allowed)."""
+def block_network(monkeypatch) -> None:
+    """Make any network connection raise (loopback and unix sockets stay allowed) until ``monkeypatch`` undoes it."""
     real_connect = socket.socket.connect
 
     def guarded(self, address):
@@ -33,6 +32,12 @@ def no_network(monkeypatch):
         raise RuntimeError(f"network access attempted in a test: {address!r}")
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test (loopback and unix sockets stay allowed)."""
+    block_network(monkeypatch)
 
 
 @pytest.fixture(scope="session")

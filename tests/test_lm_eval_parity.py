@@ -161,17 +161,9 @@ def reference(request, tmp_path_factory, one_thread):
     tok = _train_folder(request.param, folder)
     _write_plain_yamls(_specs(), yaml_dir, root / "datasets")
     # conftest's no_network is function-scoped: guard the module-scoped lm-eval run the same way
-    import socket
+    from tests.conftest import block_network
 
-    real_connect = socket.socket.connect
-
-    def guarded(self, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1") or "/" in host):
-            return real_connect(self, address)
-        raise RuntimeError(f"network access attempted: {address!r}")
-
-    mp.setattr(socket.socket, "connect", guarded)
+    block_network(mp)
     try:
         out = _simple_evaluate(folder, yaml_dir)
     finally:
