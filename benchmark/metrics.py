@@ -1,9 +1,9 @@
-"""Continual-learning metrics over accuracy matrices, pinned to ``shared/reference/metrics.md``.
+"""Continual-learning metrics over accuracy matrices, pinned to ``docs/metrics.md``.
 
 Inputs (scores 0-100): ``R`` is (T+1) x T, ``R[t][i]`` = downstream task i+1 after stage t (row 0 = base model);
 ``G`` is (T+1) x M, ``G[t][j]`` = general benchmark j after stage t; ``chance[j]`` = chance score of benchmark j.
 Every metric returns a :class:`MetricValue`; an undefined metric has ``value=None`` and a reason, never 0.
-Indices in the docstrings are 1-based for tasks (as in metrics.md); column i-1 of ``R`` holds task i.
+Indices in the docstrings are 1-based for tasks (as in docs/metrics.md); column i-1 of ``R`` holds task i.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def bwt(R: Any) -> MetricValue:
 def forgetting(R: Any) -> MetricValue:
     """forgetting = (1/(T-1)) sum_{j<T} (max_{l in j..T-1} R[l][j] - R[T][j])  (Chaudhry et al. 2018).
 
-    The max runs only over stages at or after learning task j (metrics.md), so a high zero-shot score before
+    The max runs only over stages at or after learning task j (docs/metrics.md), so a high zero-shot score before
     training on task j never counts. Not clamped: a task that ends above all its earlier scores gives f_j < 0.
     """
     a = _as_R(R)

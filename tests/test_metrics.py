@@ -1,4 +1,4 @@
-"""Metrics checked against hand-computed values (arithmetic in the comments), per shared/reference/metrics.md."""
+"""Metrics checked against hand-computed values (arithmetic in the comments), per docs/metrics.md."""
 
 from __future__ import annotations
 
