@@ -9,7 +9,7 @@ What the paper states (only its abstract and TL;DR-level summaries are public; n
     is "2468 across layers" (low ranks in shallow layers, high ranks in deep layers).
   The exact expert-allocation, rank and activation rules, losses, hyper-parameters and datasets are not public.
 
-What this plugin does -- our defaults, marked [D], are guesses, not the paper's (methods.md §2.3):
+What this plugin does -- our defaults, marked [D], are guesses, not the paper's (docs/methods.md §2.3):
   * the layer is MoLA's (Gao et al., arXiv 2402.08562): every target linear gets ``N_l`` LoRA experts of rank
     ``r_l`` and a router; ``y = W0 x + sum_{j in topk(x)} w_j (alpha / r_l) B_j A_j dropout(x)`` with the
     top-k softmax weights renormalised; all experts of a layer share its rank;
@@ -47,7 +47,7 @@ On tiny-world (4 layers) the defaults give experts 2/4/6/8 and ranks 2/4/6/8 per
 gives 12/3/3/2 there (layer 0 is the least heavy-tailed), the opposite of MoLA's layout.
 
 Trainable parameters per adapted module of layer ``l``: ``N_l r_l (d_in + d_out) + d_in (N_l + n_null)``;
-active per token: ``k_l r_l (d_in + d_out) + d_in (N_l + n_null)`` (methods.md §2.4). Not mergeable: routing
+active per token: ``k_l r_l (d_in + d_out) + d_in (N_l + n_null)`` (docs/methods.md §2.4). Not mergeable: routing
 depends on the token.
 """
 

@@ -1,4 +1,4 @@
-"""HiLo allocation policies as plain functions: per-layer expert counts and ranks (methods.md §2.2-2.4).
+"""HiLo allocation policies as plain functions: per-layer expert counts and ranks (docs/methods.md §2.2-2.4).
 
 Schedules (the values of ``experts`` / ``ranks`` in :class:`~methods.hilo.config.HiloConfig`):
 
@@ -119,7 +119,7 @@ def pl_alpha_hill(weight: torch.Tensor, bins: int = 100, window: str = "alphalor
     ``log10 lambda``):
 
     - ``"alphalora"``: ``log10(0.95 p) <= xmin <= 1.5 p`` -- the AlphaLoRA/TempBalance code as written, which
-      compares a log10 lower bound with raw eigenvalues (methods.md §2.2), so the lower bound rarely binds;
+      compares a log10 lower bound with raw eigenvalues (docs/methods.md §2.2), so the lower bound rarely binds;
     - ``"peak"``: ``0.95 p <= xmin <= 1.5 p`` (the evident intent);
     - ``"none"``: every eigenvalue but the largest.
 
@@ -216,7 +216,7 @@ def default_total(num_layers: int) -> int:
     return 5 * num_layers
 
 
-# -- closed-form parameter counts (methods.md §2.4) ---------------------------------------------------------
+# -- closed-form parameter counts (docs/methods.md §2.4) ---------------------------------------------------------
 def closed_form_counts(modules: Sequence[tuple[int, int, int]], experts: Sequence[int], ranks: Sequence[int],
                        top_k: Sequence[int], n_null: int = 0) -> dict[str, int]:
     """Trainable and active adapter parameters from the allocation alone.

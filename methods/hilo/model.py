@@ -175,7 +175,7 @@ def inject(model: nn.Module, cfg: HiloConfig, plan: HiloPlan) -> list[tuple[int,
 
 
 def param_counts(plan: HiloPlan, shapes: list[tuple[int, int, int]]) -> dict[str, int]:
-    """Closed-form trainable / active counts of the plan (methods.md §2.4)."""
+    """Closed-form trainable / active counts of the plan (docs/methods.md §2.4)."""
     return closed_form_counts(shapes, plan.experts, plan.ranks, plan.top_k, plan.n_null)
 
 

@@ -1,4 +1,4 @@
-"""The shared MoE-LoRA layer that the LoRAMoE, SLIM and HiLo plugins configure (methods.md §4, design.md).
+"""The shared MoE-LoRA layer that the LoRAMoE, SLIM and HiLo plugins configure (docs/methods.md §4).
 
 This package registers no method; it only provides building blocks:
 

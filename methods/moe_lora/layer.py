@@ -1,7 +1,7 @@
 """``MoELoRALinear``: a frozen ``nn.Linear`` plus a routed mixture of LoRA experts and identity experts.
 
 One layer covers LoRAMoE (dense softmax, N LoRA experts), SLIM (top-k over LoRA + identity experts, logit
-adjustment, delta masking) and HiLo / MoLA (top-k, per-layer expert count and rank); see methods.md §4.
+adjustment, delta masking) and HiLo / MoLA (top-k, per-layer expert count and rank); see docs/methods.md §4.
 
 Computation (``T`` tokens, ``N`` LoRA experts of rank ``r``, ``E = N + n_identity`` router outputs)::
 

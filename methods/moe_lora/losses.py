@@ -2,7 +2,7 @@
 
 A layer's ``aux_terms`` are callables ``f(layer, router_output, x) -> Tensor | None``; the layer stores the sum of
 the non-``None`` results of its latest forward in ``layer.last_aux`` and :func:`~methods.moe_lora.collect_aux`
-sums them over a model (methods.md §4.4). The plain functions below are the formulas; the ``*_term`` factories
+sums them over a model (docs/methods.md §4.4). The plain functions below are the formulas; the ``*_term`` factories
 wrap them into aux terms that read the batch side information from :func:`get_routing_context`.
 """
 
@@ -28,7 +28,7 @@ def switch_load_balance(
     n_experts: int,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Switch / MoLA load-balancing loss ``N * sum_e f_e * P_e`` (methods.md §2.2).
+    """Switch / MoLA load-balancing loss ``N * sum_e f_e * P_e`` (docs/methods.md §2.2).
 
     ``f_e`` is the fraction of all top-k assignments that go to expert ``e`` (sums to 1 over experts, as in
     MoLA's ``load_balancing_loss_func``), ``P_e`` the mean router probability of ``e`` over tokens.
@@ -65,7 +65,7 @@ def loramoe_balance(
     form: str = "cv2",
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LoRAMoE localized balancing constraint of one layer (methods.md §3.4, official code).
+    """LoRAMoE localized balancing constraint of one layer (docs/methods.md §3.4, official code).
 
     ``I[b, e] = 1 + delta`` if expert ``e`` is in the group favoured by sample ``b`` (experts ``[0, N/2)`` for
     ``task_type == 1``, experts ``[N/2, N)`` for ``task_type == 0``), else ``1 - delta``;
@@ -108,7 +108,7 @@ def loramoe_balance_term(delta: float, weight: float, form: str = "cv2", mask_pa
 
     Returns ``None`` (no term) when the routing context has no ``task_types`` (e.g. at evaluation) or
     ``weight == 0``, like the official code. ``mask_padding`` uses the context's attention mask (a documented
-    deviation from the code, methods.md §3.9).
+    deviation from the code, docs/methods.md §3.9).
     """
 
     def term(layer: MoELoRALinear, out: RouterOutput, x: torch.Tensor) -> torch.Tensor | None:

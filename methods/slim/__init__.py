@@ -1,7 +1,7 @@
 """SLIM: Soft LoRA and Identity Mixture (Han et al., NAACL 2025, https://aclanthology.org/2025.naacl-long.246/,
-arXiv 2410.07739). No official code exists; this follows methods.md §1 and marks every guess.
+arXiv 2410.07739). No official code exists; this follows docs/methods.md §1 and marks every guess.
 
-Per adapted linear (``y = W x + b + sum_i w_i f_i(x)``, methods.md §1.3):
+Per adapted linear (``y = W x + b + sum_i w_i f_i(x)``, docs/methods.md §1.3):
 
 1. **Identity experts** beside LoRA experts, top-k routing renormalised over the selection. An identity expert adds
    a zero delta (``f(x) = x`` does not type-check for non-square projections): it only absorbs routing mass, and a
@@ -27,9 +27,9 @@ Per adapted linear (``y = W x + b + sum_i w_i f_i(x)``, methods.md §1.3):
 |                      |                        |                          | plugin                               |
 | targets              | MLP (+ attention LoRA) | MLP; attention=False     | its ablation: attention LoRA adds    |
 |                      |                        |                          | 2.29 points of forgetting            |
-| router               | not stated             | linear, no bias, fp32    | methods.md §1.5                      |
+| router               | not stated             | linear, no bias, fp32    | docs/methods.md §1.5                 |
 |                      |                        | softmax                  |                                      |
-| clusters M           | not stated             | n_clusters=8             | methods.md's suggestion              |
+| clusters M           | not stated             | n_clusters=8             | docs/methods.md §1.6 [D]             |
 | sliding (EMA) rate   | not stated             | momentum=0.05 per step   | the sentiment stage has 100 steps:   |
 |                      |                        |                          | 0.01 would move a centre only 63 %   |
 |                      |                        |                          | of the way                           |
@@ -38,7 +38,7 @@ Per adapted linear (``y = W x + b + sum_i w_i f_i(x)``, methods.md §1.3):
 |                      |                        |                          | deterministic; cluster_init=random   |
 |                      |                        |                          | kept                                 |
 | nearest cluster      | not stated             | diagonal Mahalanobis     | the same sigma-scaling as d          |
-| yielding formula     | not recoverable (Eq.   | logit +- gamma *         | methods.md's proposal                |
+| yielding formula     | not recoverable (Eq.   | logit +- gamma *         | docs/methods.md §1.6 [D]             |
 |                      | 9/10)                  | clamp(d, 0, clip)        |                                      |
 | gamma / clip         | not stated             | gamma=1, yield_clip=5    | a gap of up to 10 logits hands a     |
 |                      |                        |                          | token fully to the identity experts  |
@@ -51,7 +51,7 @@ Per adapted linear (``y = W x + b + sum_i w_i f_i(x)``, methods.md §1.3):
 |                      |                        |                          | eval                                 |
 | deterministic eval   | not discussed          | a fixed seeded mask per  | exact repeats; safe for the          |
 |                      |                        | layer                    | evaluation cache                     |
-| L1 weight            | not stated             | l1_weight=1e-4           | methods.md's suggestion              |
+| L1 weight            | not stated             | l1_weight=1e-4           | docs/methods.md §1.4 [D]             |
 | balancing loss       | none mentioned         | none                     | faithful to the summary              |
 | learning rate        | not stated             | lr=2e-3 (tiny-world)     | measured: 1e-3 learns less, 3e-3 and |
 |                      |                        |                          | 5e-3 forget more (5e-3 also learns   |

@@ -14,8 +14,8 @@ Update of cluster ``j`` from the ``n_j`` tokens assigned to it (``delta = x - c_
     ratio   <- (1 - m) ratio + m * mean_tokens(max_c |x - c_idx| / sigma_idx)      (calibration of d)
 
 The variance tracks the spread of the assigned tokens around the (updated) centre -- exactly what the distance
-``|x - c| / sigma`` normalises -- rather than around their batch mean (methods.md's [D]), which would ignore a
-lagging centre. Clusters that receive no token this step are left unchanged.
+``|x - c| / sigma`` normalises -- rather than around their batch mean (the [D] of docs/methods.md §1.6), which
+would ignore a lagging centre. Clusters that receive no token this step are left unchanged.
 
 No host-device syncs in the forward and backward: every tensor-to-Python read (``bool``, ``float``, ``.item()``,
 ``torch.equal``) stalls the host until an accelerator catches up, so the forward branches only on Python-side
