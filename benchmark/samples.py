@@ -25,6 +25,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmark.paths import under
 from benchmark.records import atomic_write_bytes
 
@@ -59,15 +61,6 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _argmax(values: list[float]) -> int | None:
-    """The first index of the largest value (``numpy.argmax``'s tie rule), None for an empty list."""
-    best = None
-    for i, v in enumerate(values):
-        if best is None or v > values[best]:
-            best = i
-    return best
-
-
 def sample_row(task: str, output_type: str, sample: dict[str, Any]) -> dict[str, Any]:
     """The compact row of one lm-eval logged sample (see the module docstring)."""
     args = sample.get("arguments") or [[""]]
@@ -93,7 +86,8 @@ def sample_row(task: str, output_type: str, sample: dict[str, Any]) -> dict[str,
         if greedy:
             row["is_greedy"] = greedy
         if output_type == "multiple_choice":
-            row["chosen"] = _argmax(lls)
+            # numpy's argmax: the first of tied maxima, as lm-eval's acc picks it
+            row["chosen"] = int(np.argmax(lls)) if lls else None
     row["metrics"] = {m: _plain(sample.get(m)) for m in sample.get("metrics") or []}
     return row
 
