@@ -80,6 +80,9 @@ class TrainConfig:
     """Training loop settings shared by every method (a method may override ``lr``)."""
 
     lr: float = 1e-3
+    # multiplies every method's learning rate (its own default or train.lr): moves the whole tuned set of rates
+    # to another model scale at once, keeping their ratios and the methods' names (no per-method variants)
+    lr_scale: float = 1.0
     batch_size: int = 64
     grad_accum: int = 1
     scheduler: str = "constant"
@@ -98,7 +101,7 @@ class TrainConfig:
 
         if self.precision not in PRECISIONS:
             raise UserError(f"invalid train.precision: {self.precision!r}; valid: {', '.join(PRECISIONS)}")
-        for k in ("lr", "batch_size", "grad_accum", "max_seq_len", "steps_scale"):
+        for k in ("lr", "lr_scale", "batch_size", "grad_accum", "max_seq_len", "steps_scale"):
             _positive(f"train.{k}", getattr(self, k))
         for k in ("warmup_steps", "weight_decay", "grad_clip"):
             _positive(f"train.{k}", getattr(self, k), allow_zero=True)
@@ -106,6 +109,10 @@ class TrainConfig:
             _positive("train.max_steps", self.max_steps)
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"invalid train.scheduler: {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+
+    def method_lr(self, method_lr: float | None) -> float:
+        """The learning rate a method trains with: its own ``lr`` (else ``train.lr``) times ``lr_scale``."""
+        return (method_lr if method_lr is not None else self.lr) * self.lr_scale
 
 
 @dataclass

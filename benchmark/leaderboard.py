@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +19,32 @@ import pandas as pd
 from benchmark import metrics
 from benchmark.metrics import MetricValue
 from benchmark.records import (ROUTING_COLUMNS, ROUTING_FLOATS, ROUTING_INTS, SCHEMA_VERSION, SCORE_COLUMNS,
-                               SCORE_FLOATS, SCORE_INTS, atomic_write_text, display_name, kind, load_records,
-                               method_variants, routing_rows, score_rows, typed_frame)
+                               SCORE_FLOATS, SCORE_INTS, atomic_write_text, display_name, general_floor, kind,
+                               load_records, method_variants, routing_rows, score_rows, task_floors, typed_frame)
 
 logger = logging.getLogger(__name__)
 METRIC_NAMES = list(metrics.METRICS)
 COST = ["trainable_params", "active_params", "train_seconds", "peak_memory_mb"]
 RUN_COST = ["trainable_params", "active_params", "train_seconds", "eval_seconds", "wall_seconds", "peak_memory_mb"]
+# what a method may spend beside its parameter counts: the modules it adapts and its effective learning rate
+BUDGET = ["adapted_modules", "lr"]
+# Llama-style projection names shortened to a group in the ``modules`` column when all of the group is adapted
+MODULE_GROUPS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 VERSION_PKGS = ["torch", "transformers", "peft", "lm_eval", "datasets", "accelerate", "forgetbench"]
 KEYS = ["kind", "method", "variant", "model", "sequence", "sequence_id"]
 ID_COLUMNS = ["schema_version", "run_id", "kind", "method", "variant", "model", "sequence", "sequence_id", "seed"]
 RUN_COLUMNS = (ID_COLUMNS + ["status", "error", "n_tasks", "n_general", "n_stages_done"]
-               + [c for m in METRIC_NAMES for c in (m, f"{m}_reason")] + ["reference_runs"] + RUN_COST
+               + [c for m in METRIC_NAMES for c in (m, f"{m}_reason")] + ["reference_runs"] + RUN_COST[:2] + BUDGET
+               + RUN_COST[2:]
                + ["train_steps", "n_examples", "eval_batch_size", "eval_limit", "num_threads", "device"]
                + [f"version_{p}" for p in VERSION_PKGS] + ["python", "git_sha", "git_dirty", "method_config"])
 INT_RUN_COLUMNS = ["seed", "n_tasks", "n_general", "n_stages_done", "reference_runs", "trainable_params",
                    "active_params", "train_steps", "n_examples", "eval_batch_size", "eval_limit", "num_threads"]
-FLOAT_RUN_COLUMNS = METRIC_NAMES + [c for c in RUN_COST if c not in INT_RUN_COLUMNS]
+FLOAT_RUN_COLUMNS = METRIC_NAMES + [c for c in RUN_COST if c not in INT_RUN_COLUMNS] + ["lr"]
+_COST_STD = [c for k in COST for c in (k, f"{k}_std")]
 LEADERBOARD_COLUMNS = (["schema_version"] + KEYS + ["n_seeds", "n_failed", "seeds", "pareto"]
                        + [c for m in METRIC_NAMES for c in (m, f"{m}_std", f"{m}_n", f"{m}_reason")]
-                       + [c for k in COST for c in (k, f"{k}_std")] + ["n_examples", "eval_batch_size"])
+                       + _COST_STD[:4] + ["modules"] + BUDGET + _COST_STD[4:] + ["n_examples", "eval_batch_size"])
 NO_REFERENCE = "no joint reference run for this model and sequence (run with --reference joint)"
 
 
@@ -55,12 +62,28 @@ def reference_scores(records: list[dict[str, Any]]) -> dict[tuple, tuple[list[fl
     return out
 
 
+def compact_modules(modules: Sequence[str]) -> str:
+    """The short form of an adapted-module list: ``["all"]`` -> ``all``, the Llama projections -> ``attn+mlp``.
+
+    A group (:data:`MODULE_GROUPS`) is named only when all of its modules are adapted; anything else is listed.
+    """
+    rest = sorted(set(modules))
+    if rest == ["all"]:
+        return "all"
+    parts = []
+    for group, names in MODULE_GROUPS.items():
+        if set(names) <= set(rest):
+            parts.append(group)
+            rest = [m for m in rest if m not in names]
+    return "+".join(parts + rest)
+
+
 def _call(name: str, **inputs: Any) -> MetricValue:
     fn = metrics.METRICS[name][0]
     return fn(**{p: inputs[p] for p in inspect.signature(fn).parameters})
 
 
-def _reference_metrics(R: list, G: list, chance: list) -> dict[str, MetricValue]:
+def _reference_metrics(R: list, G: list, floor: list) -> dict[str, MetricValue]:
     """A joint reference has one training stage: final_avg and the general metrics; no sequence metrics."""
     T = len(R[0])
     padded = [R[0]] + [[math.nan] * T] * (T - 1) + [R[-1]]  # final_avg reads rows 0 and T only
@@ -70,7 +93,7 @@ def _reference_metrics(R: list, G: list, chance: list) -> dict[str, MetricValue]
         if name == "final_avg":
             out[name] = metrics.final_avg(padded)
         elif name.startswith("general_"):
-            out[name] = _call(name, G=G, chance=chance)
+            out[name] = _call(name, G=G, floor=floor)
         else:
             out[name] = why
     return out
@@ -83,12 +106,12 @@ def run_metrics(rec: dict[str, Any], references: dict[tuple, tuple[list[float], 
     if status != "success" or not rec.get("R"):
         why = f"run status is {status!r}" + (f": {rec.get('error')}" if rec.get("error") else "")
         return {m: MetricValue(None, why) for m in METRIC_NAMES}
-    chance = rec.get("general_chance") or [0.0] * len(rec.get("general_tasks", []))
+    floor = general_floor(rec)
     G = rec.get("G") if rec.get("general_tasks") else [[] for _ in rec["R"]]
     if kind(rec) == "reference":
-        return _reference_metrics(rec["R"], G, chance)
+        return _reference_metrics(rec["R"], G, floor)
     ref = (references or {}).get((rec.get("model"), rec.get("sequence_id")))
-    out = metrics.compute_all(rec["R"], G, chance, reference=ref[0] if ref else None)
+    out = metrics.compute_all(rec["R"], G, floor, reference=ref[0] if ref else None, task_floors=task_floors(rec))
     if ref is None:
         out["intransigence"] = MetricValue(None, NO_REFERENCE)
     return out
@@ -112,6 +135,8 @@ def run_row(rec: dict[str, Any], references: dict[tuple, tuple[list[float], int]
     row["reference_runs"] = ref[1] if ref and kind(rec) == "method" else 0
     costs = rec.get("costs") or {}
     row.update({k: costs.get(k) for k in RUN_COST})
+    modules = rec.get("adapted_modules")  # absent in records before the budget columns: left empty
+    row.update(adapted_modules=",".join(modules) if modules else None, lr=rec.get("lr"))
     ev, env = (rec.get("config") or {}).get("eval") or {}, rec.get("env") or {}
     n_ex = rec.get("n_examples") or {}
     row.update(train_steps=sum(s.get("steps") or 0 for s in stages) if stages else None,
@@ -147,6 +172,70 @@ def _none(x: Any) -> Any:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA else x
 
 
+def _same_over_seeds(values: Sequence[Any], what: str, key: tuple) -> Any:
+    """The one value of a budget column over a row's runs; None when absent (old records) or when runs disagree."""
+    vals = sorted({v for v in map(_none, values) if v is not None})
+    if len(vals) > 1:
+        logger.warning("%s: runs with different %s (%s) are averaged together; %s left empty",
+                       "/".join(map(str, key)), what, vals, what)
+    return vals[0] if len(vals) == 1 else None
+
+
+# -- the trade-off front with seed noise ----------------------------------------------------------------------
+Point = tuple[float | None, float | None]
+
+
+def _defined(x: Any) -> bool:
+    return _none(x) is not None
+
+
+def _margin(a: Any, b: Any) -> float | None:
+    """The noise of one axis for a pair: the larger std that is defined; None when neither row has one."""
+    stds = [float(x) for x in (a, b) if _defined(x)]
+    return max(stds) if stds else None
+
+
+def dominates(b: Point, a: Point, b_std: Point = (None, None), a_std: Point = (None, None)) -> bool:
+    """True when ``b`` beats ``a`` beyond seed noise on the trade-off (both coordinates higher-is-better).
+
+    On an axis with a noise margin m (:func:`_margin`), b must be higher by more than m; on an axis without one
+    (both rows n < 2), b must be >= a; and b must be higher on at least one axis -- with no margin at all this
+    is the plain Pareto rule (>= on both, > on one), so single-seed rows compare as before.
+    """
+    if not all(_defined(x) for x in (*a, *b)):
+        return False
+    diffs = [float(b[i]) - float(a[i]) for i in range(2)]
+    margins = [_margin(b_std[i], a_std[i]) for i in range(2)]
+    return (all(d > m if m is not None else d >= 0 for d, m in zip(diffs, margins))
+            and any(d > 0 for d in diffs))
+
+
+def noisy_pareto_front(points: Sequence[Point], stds: Sequence[Point]) -> tuple[list[bool], list[tuple[int, int]]]:
+    """Which points no other point :func:`dominates`, and the pairs (i, k) "within noise": i is >= k on both
+    means and > on one (it would dominate k without noise) but not by more than the noise on both axes.
+
+    A point with an undefined coordinate is never on the front and dominates nothing.
+    """
+    n = len(points)
+    front = [all(_defined(x) for x in points[i]) and not any(
+        dominates(points[k], points[i], stds[k], stds[i]) for k in range(n) if k != i) for i in range(n)]
+    within = [(i, k) for i in range(n) for k in range(n)
+              if i != k and dominates(points[i], points[k]) and not dominates(points[i], points[k], stds[i], stds[k])]
+    return front, within
+
+
+def _front_inputs(sub: pd.DataFrame) -> tuple[list[Point], list[Point]]:
+    return (list(zip(sub["final_avg"], sub["general_delta"])),
+            list(zip(sub["final_avg_std"], sub["general_delta_std"])))
+
+
+def within_noise(sub: pd.DataFrame) -> list[tuple[str, str]]:
+    """The display names of the "within noise" pairs (better on both means first) among ``sub``'s method rows."""
+    methods = sub[sub["kind"] == "method"]
+    labels = [display_name(m, v) for m, v in zip(methods["method"], methods["variant"])]
+    return [(labels[i], labels[k]) for i, k in noisy_pareto_front(*_front_inputs(methods))[1]]
+
+
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (kind, method, variant, model, sequence id): mean, std, n over successful seeds; Pareto flag."""
     rows = []
@@ -161,6 +250,9 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
         for c in COST:
             agg = metrics.aggregate([_none(v) for v in ok[c]])
             row.update({c: agg["mean"], f"{c}_std": agg["std"]})
+        for c in BUDGET:
+            row[c] = _same_over_seeds(list(ok[c]), c, key)
+        row["modules"] = compact_modules(row["adapted_modules"].split(",")) if row["adapted_modules"] else None
         for c in ("n_examples", "eval_batch_size"):  # equal over seeds unless settings changed; keep the smallest
             vals = [int(v) for v in ok[c] if _none(v) is not None]
             row[c] = min(vals) if vals else None
@@ -168,7 +260,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
                 logger.warning("%s: runs with different %s (%s) are averaged together", "/".join(map(str, key)), c,
                                sorted(set(vals)))
         rows.append(row)
-    floats = [c for m in METRIC_NAMES + COST for c in (m, f"{m}_std")]
+    floats = [c for m in METRIC_NAMES + COST for c in (m, f"{m}_std")] + ["lr"]
     ints = ["n_seeds", "n_failed", "n_examples", "eval_batch_size"] + [f"{m}_n" for m in METRIC_NAMES]
     df = typed_frame(rows, LEADERBOARD_COLUMNS, ints, floats)
     if df.empty:
@@ -176,7 +268,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     df["pareto"] = False  # reference rows (upper bounds) never compete for the front
     for _, idx in df[df["kind"] == "method"].groupby(["model", "sequence_id"], dropna=False).groups.items():
         sub = df.loc[idx]
-        df.loc[idx, "pareto"] = metrics.pareto_front(list(zip(sub["final_avg"], sub["general_delta"])))
+        df.loc[idx, "pareto"] = noisy_pareto_front(*_front_inputs(sub))[0]
     df["pareto"] = df["pareto"].astype(bool)
     df = df.sort_values(["model", "sequence_id", "kind", "final_avg", "method", "variant"],
                         ascending=[True, True, True, False, True, True], na_position="last", kind="stable")
@@ -211,8 +303,9 @@ def to_markdown(df: pd.DataFrame) -> str:
                   f"general_base (base model, before any training) = {_fmt(base.iloc[0]) if len(base) else 'n/a'}; "
                   f"evaluation batch size {_fmt(sub['eval_batch_size'].dropna().min(), digits=0)}, "
                   f"{_fmt(sub['n_examples'].dropna().min(), digits=0)} examples per evaluation.", "",
-                  "| method | seeds | " + " | ".join(cols) + " | trainable params | active params | train s |",
-                  "|---" * (len(cols) + 5) + "|"]
+                  "| method | seeds | " + " | ".join(cols)
+                  + " | trainable params | active params | modules | lr | train s |",
+                  "|---" * (len(cols) + 7) + "|"]
         for _, r in sub.iterrows():
             label = display_name(r["method"], r["variant"])
             name = f"**{label}** *" if r["pareto"] else label
@@ -221,11 +314,20 @@ def to_markdown(df: pd.DataFrame) -> str:
             failed = f" ({int(r['n_failed'])} failed)" if r["n_failed"] else ""
             tp, ap = (f"{int(r[k]):,}" if _none(r[k]) is not None else "n/a"
                       for k in ("trainable_params", "active_params"))
+            # records from before the budget columns have no modules or lr: empty, as the task says (not n/a)
+            lr = f"{r['lr']:g}" if _none(r["lr"]) is not None else ""
             lines.append(f"| {name} | {r['n_seeds']}{failed} | " + " | ".join(_fmt(r[c], r[f"{c}_std"]) for c in cols)
-                         + f" | {tp} | {ap} | {_fmt(r['train_seconds'], digits=0)} |")
+                         + f" | {tp} | {ap} | {_none(r['modules']) or ''} | {lr} |"
+                         f" {_fmt(r['train_seconds'], digits=0)} |")
         lines.append("")
-    lines.append("`*` = on the Pareto front of (final_avg ↑, general_delta ↑) within a model and sequence. "
+        pairs = within_noise(sub)
+        if pairs:
+            lines += ["within noise: " + ", ".join(f"{a} ~ {b}" for a, b in pairs), ""]
+    lines.append("`*` = on the Pareto front of (final_avg ↑, general_delta ↑) within a model and sequence: a row "
+                 "is off it only when another is higher by more than one std over seeds on both axes. "
+                 "\"within noise: A ~ B\" = A is better on both means, but not beyond that. "
                  "Scores in points (0-100), mean ± std over seeds; n/a = undefined (reason in leaderboard.csv). "
+                 "modules: adapted modules (the exact list in leaderboard.csv), lr: effective learning rate. "
                  "Columns: results/README.md.")
     return "\n".join(lines) + "\n"
 

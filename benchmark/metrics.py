@@ -1,7 +1,9 @@
 """Continual-learning metrics over accuracy matrices, pinned to ``docs/metrics.md``.
 
 Inputs (scores 0-100): ``R`` is (T+1) x T, ``R[t][i]`` = downstream task i+1 after stage t (row 0 = base model);
-``G`` is (T+1) x M, ``G[t][j]`` = general benchmark j after stage t; ``chance[j]`` = chance score of benchmark j.
+``G`` is (T+1) x M, ``G[t][j]`` = general benchmark j after stage t; ``floor[j]`` = measured floor f_j of
+benchmark j and ``task_floors[i-1]`` = measured floor f_i of downstream task i (the best answer-blind score on
+the test split, :mod:`tasks.floors`).
 Every metric returns a :class:`MetricValue`; an undefined metric has ``value=None`` and a reason, never 0.
 Indices in the docstrings are 1-based for tasks (as in docs/metrics.md); column i-1 of ``R`` holds task i.
 """
@@ -59,13 +61,20 @@ def _as_G(G: Any) -> np.ndarray:
     return a
 
 
-def _as_chance(chance: Any, m: int) -> np.ndarray:
-    c = np.asarray(chance if chance is not None else [], dtype=float).reshape(-1)
-    if c.shape[0] != m:
-        raise ValueError(f"chance must have one entry per general benchmark (M = {m}); got {c.shape[0]}")
-    if not np.all((c >= 0) & (c < 100)):  # c = 100 would divide by zero in the normalisation
-        raise ValueError(f"chance scores must be in [0, 100); got {c.tolist()}")
-    return c
+def _floats(values: Any, missing: float) -> np.ndarray:
+    """1-D float array of ``values``, None entries replaced by ``missing``."""
+    raw = np.asarray(values if values is not None else [], dtype=object).reshape(-1)
+    return np.array([missing if v is None else v for v in raw], dtype=float)
+
+
+def _as_floor(floor: Any, m: int) -> np.ndarray:
+    """Floors f_j of the M general benchmarks; None (floor unknown: an lm-eval built-in task) counts as 0."""
+    f = _floats(floor, 0.0)
+    if f.shape[0] != m:
+        raise ValueError(f"floor must have one entry per general benchmark (M = {m}); got {f.shape[0]}")
+    if not np.all((f >= 0) & (f <= 100)):  # NaN fails too
+        raise ValueError(f"floors must be in [0, 100]; got {f.tolist()}")
+    return f
 
 
 def _missing(a: np.ndarray, rows: Any, cols: Any, name: str) -> str | None:
@@ -102,6 +111,29 @@ def plasticity(R: Any) -> MetricValue:
     a = _as_R(R)
     k = np.arange(a.shape[1])
     return _undef(r) if (r := _missing(a, k + 1, k, "R")) else _ok(a[k + 1, k].mean())
+
+
+def plasticity_floor_margin(R: Any, task_floors: Sequence[float | None] | None = None) -> MetricValue:
+    """plasticity_floor_margin = min_i (R[i][i] - f_i), f_i = measured floor of task i.
+
+    How far the least-learned task sits above its floor right after learning it: a task at or below its floor
+    (margin <= 0) was not learned beyond answer-blind guessing, whatever the mean plasticity says.
+    """
+    a = _as_R(R)
+    T = a.shape[1]
+    if task_floors is None:
+        return _undef("no task floors")
+    f = _floats(task_floors, math.nan)  # None = not recorded (records before schema 1.5)
+    if f.shape[0] != T:
+        raise ValueError(f"task_floors must have one floor per task (T = {T}); got {f.shape[0]}")
+    if np.isnan(f).all():
+        return _undef("no task floors recorded (records before schema 1.5 have none)")
+    if np.isnan(f).any():
+        return _undef(f"missing floor for task(s) {(np.flatnonzero(np.isnan(f)) + 1).tolist()}")
+    if not np.all((f >= 0) & (f <= 100)):
+        raise ValueError(f"task floors must be in [0, 100]; got {f.tolist()}")
+    k = np.arange(T)
+    return _undef(r) if (r := _missing(a, k + 1, k, "R")) else _ok(np.min(a[k + 1, k] - f))
 
 
 def bwt(R: Any) -> MetricValue:
@@ -160,18 +192,21 @@ def intransigence(R: Any, reference: Sequence[float | None] | None = None) -> Me
 
 
 # -- general-knowledge metrics (G) ------------------------------------------------------------------------
-def _normalise(g: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Open LLM Leaderboard: max(0, (G - c_j) / (100 - c_j)) * 100 per benchmark (NaN stays NaN)."""
-    return np.maximum(0.0, (g - c) / (100.0 - c)) * 100.0
+def _normalise(g: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Open LLM Leaderboard: max(0, (G - f_j) / (100 - f_j)) * 100 per benchmark (NaN stays NaN)."""
+    return np.maximum(0.0, (g - f) / (100.0 - f)) * 100.0
 
 
-def _rows_mean(G: Any, rows: list[int] | None, chance: Any = None) -> tuple[np.ndarray | None, str | None]:
-    """Per-row means of G (normalised if chance is given) over the requested rows, or (None, reason)."""
+def _rows_mean(G: Any, rows: list[int] | None, floor: Any = None) -> tuple[np.ndarray | None, str | None]:
+    """Per-row means of G (floor-normalised if ``floor`` is given) over the requested rows, or (None, reason)."""
     g = _as_G(G)
     if g.shape[1] == 0:
         return None, "no general benchmarks (M = 0)"
-    if chance is not None:
-        g = _normalise(g, _as_chance(chance, g.shape[1]))
+    if floor is not None:
+        f = _as_floor(floor, g.shape[1])
+        if (top := np.flatnonzero(f == 100)).size:  # a measured floor can be 100 (one answer everywhere)
+            return None, f"floor of general benchmark(s) {(top + 1).tolist()} is 100: nothing to normalise by"
+        g = _normalise(g, f)
     rows = list(range(g.shape[0])) if rows is None else [r % g.shape[0] for r in rows]  # -1 = row T
     if r := _missing(g, rows, slice(None), "G"):
         return None, r
@@ -196,10 +231,10 @@ def general_delta(G: Any) -> MetricValue:
     return _undef(r) if m is None else _ok(m[-1] - m[0])
 
 
-def general_delta_norm(G: Any, chance: Sequence[float]) -> MetricValue:
-    """general_delta_norm = mean_j (N[T][j] - N[0][j]), N = max(0, (G - c_j)/(100 - c_j)) * 100."""
+def general_delta_norm(G: Any, floor: Sequence[float | None]) -> MetricValue:
+    """general_delta_norm = mean_j (N[T][j] - N[0][j]), N = max(0, (G - f_j)/(100 - f_j)) * 100."""
     # mean of per-benchmark deltas equals the delta of per-row means, since every benchmark has weight 1/M
-    m, r = _rows_mean(G, [0, -1], chance)
+    m, r = _rows_mean(G, [0, -1], floor)
     return _undef(r) if m is None else _ok(m[-1] - m[0])
 
 
@@ -216,9 +251,9 @@ def general_retention(G: Any) -> MetricValue:
     return _ratio(*_rows_mean(G, [0, -1]), "general_base")
 
 
-def general_retention_norm(G: Any, chance: Sequence[float]) -> MetricValue:
+def general_retention_norm(G: Any, floor: Sequence[float | None]) -> MetricValue:
     """general_retention_norm = mean_j N[T][j] / mean_j N[0][j], N as in general_delta_norm."""
-    return _ratio(*_rows_mean(G, [0, -1], chance), "normalised general_base (base at or below chance everywhere)")
+    return _ratio(*_rows_mean(G, [0, -1], floor), "normalised general_base (base at or below floor everywhere)")
 
 
 def general_worst_delta(G: Any) -> MetricValue:
@@ -236,6 +271,8 @@ METRICS: dict[str, tuple[Callable[..., MetricValue], bool, str]] = {
     "final_avg": (final_avg, True, "(1/T) sum_i R[T][i]: mean score on all tasks after the last stage"),
     "avg_incremental": (avg_incremental, True, "(1/T) sum_t (1/t) sum_{i<=t} R[t][i]: iCaRL average incremental"),
     "plasticity": (plasticity, True, "(1/T) sum_i R[i][i]: score right after learning each task"),
+    "plasticity_floor_margin": (plasticity_floor_margin, True,
+                                "min_i (R[i][i] - f_i): how far the least-learned task sits above its floor"),
     "bwt": (bwt, True, "(1/(T-1)) sum_{i<T} (R[T][i] - R[i][i]): GEM backward transfer; negative = forgetting"),
     "forgetting": (forgetting, False, "(1/(T-1)) sum_{j<T} (max_{l=j..T-1} R[l][j] - R[T][j]): Chaudhry forgetting"),
     "fwt": (fwt, True, "(1/(T-1)) sum_{i=2..T} (R[i-1][i] - R[0][i]): forward transfer vs. the base model"),
@@ -243,22 +280,27 @@ METRICS: dict[str, tuple[Callable[..., MetricValue], bool, str]] = {
     "general_base": (general_base, True, "(1/M) sum_j G[0][j]: base model's general score"),
     "general_final": (general_final, True, "(1/M) sum_j G[T][j]: general score after the whole sequence"),
     "general_delta": (general_delta, True, "general_final - general_base: TRACE general-ability delta"),
-    "general_delta_norm": (general_delta_norm, True, "mean_j delta of max(0,(G-c_j)/(100-c_j))*100: chance-normalised"),
+    "general_delta_norm": (general_delta_norm, True, "mean_j delta of max(0,(G-f_j)/(100-f_j))*100: floor-normalised"),
     "general_retention": (general_retention, True, "general_final / general_base: 1.0 = nothing forgotten"),
-    "general_retention_norm": (general_retention_norm, True, "general_retention on chance-normalised scores"),
+    "general_retention_norm": (general_retention_norm, True, "general_retention on floor-normalised scores"),
     "general_worst_delta": (general_worst_delta, True, "min_{t=1..T} (mean_j G[t][j] - general_base): worst stage"),
 }
 
 
 def compute_all(
-    R: Any, G: Any, chance: Sequence[float], reference: Sequence[float] | None = None
+    R: Any, G: Any, floor: Sequence[float | None], reference: Sequence[float] | None = None,
+    task_floors: Sequence[float | None] | None = None,
 ) -> dict[str, MetricValue]:
-    """Every metric in :data:`METRICS` (same order); validates that R and G describe the same T stages."""
+    """Every metric in :data:`METRICS` (same order); validates that R and G describe the same T stages.
+
+    ``floor``: one floor per general benchmark (None counts as 0); ``task_floors``: one per downstream task
+    (None: ``plasticity_floor_margin`` is undefined).
+    """
     a, g = _as_R(R), _as_G(G)
     if g.shape[1] > 0 and g.shape[0] != a.shape[0]:
         raise ValueError(f"G must have T+1 = {a.shape[0]} rows like R; got {g.shape[0]}")
-    _as_chance(chance, g.shape[1])
-    inputs = {"R": a, "G": g, "chance": chance, "reference": reference}
+    _as_floor(floor, g.shape[1])
+    inputs = {"R": a, "G": g, "floor": floor, "reference": reference, "task_floors": task_floors}
     # each function takes the subset of inputs it names, so METRICS stays the single list of metrics
     return {
         name: fn(**{p: inputs[p] for p in inspect.signature(fn).parameters})

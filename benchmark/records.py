@@ -20,9 +20,10 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1.4"  # 1.1: ``variant`` column in runs.csv and leaderboard.csv; 1.2: ``base_model_hash``;
+SCHEMA_VERSION = "1.5"  # 1.1: ``variant`` column in runs.csv and leaderboard.csv; 1.2: ``base_model_hash``;
 # 1.3: ``precision`` (the resolved train.precision policy); 1.4: per-sample files ``samples/`` named by
-# ``base_samples`` and ``stages[].samples``
+# ``base_samples`` and ``stages[].samples``; 1.5: measured floors ``general_floor`` (replaces ``general_chance``)
+# and ``task_floors`` in run records, metric ``plasticity_floor_margin``
 SCORE_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence", "sequence_id", "seed", "status",
                  "stage", "stage_task", "task", "task_group", "metric", "value", "n_examples", "eval_batch_size"]
 ROUTING_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence_id", "seed", "stage",
@@ -173,6 +174,32 @@ def load_records(dirs: list[str | Path]) -> list[dict[str, Any]]:
                 logger.warning("run %s appears twice with different content; keeping the one from %s, not %s",
                                rid, source[rid], d)
     return list(seen.values())
+
+
+def _number_or_none(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def general_floor(rec: dict[str, Any]) -> list[float]:
+    """Floor f_j (points) of each general benchmark of a run record, for the normalised general metrics.
+
+    ``general_floor`` (schema 1.5), else ``general_chance`` (the declared chance of older records), else zeros.
+    An unknown floor (None: an lm-eval built-in task) counts as 0, as the 0.0 older records stored for them did.
+    """
+    values = rec.get("general_floor")
+    if values is None:
+        values = rec.get("general_chance")
+    if not values:
+        return [0.0] * len(rec.get("general_tasks") or [])
+    return [0.0 if (v := _number_or_none(x)) is None else v for x in values]
+
+
+def task_floors(rec: dict[str, Any]) -> list[float | None]:
+    """Floor f_i (points) of each downstream task of a run record; None where unknown (records before 1.5)."""
+    values = rec.get("task_floors")
+    if values is None:
+        return [None] * len(rec.get("tasks") or [])
+    return [_number_or_none(x) for x in values]
 
 
 def _stage_names(rec: dict[str, Any]) -> list[str]:

@@ -109,7 +109,7 @@ def run_joint(plan: Any, seed: int, base_path: Path | None, out_dir: Path, accel
             examples = [e for task in plan.tasks
                         for e in encode_task(task, tok, cfg.train.max_seq_len, chat=cfg.model.chat_template)]
             steps = sum(runner.stage_steps(plan, t) for t in plan.tasks)
-            lr = mcfg.lr if mcfg.lr is not None else cfg.train.lr
+            lr = cfg.train.method_lr(mcfg.lr)
             stats = train_stage(model, method, examples, steps, cfg.train, lr, torch.Generator().manual_seed(seed),
                                 tok.pad_token_id, accelerator, desc=f"{JOINT} s{seed}", quiet=quiet)
             method.on_task_end(model, info)

@@ -31,7 +31,10 @@ COLUMN_HELP = {
     "seeds": "seeds of the successful runs averaged in this row",
     "n_seeds": "number of successful runs (seeds) averaged",
     "n_failed": "runs of this row that did not finish successfully (not averaged)",
-    "pareto": "on the Pareto front of (final_avg higher, general_delta higher) within the model and sequence",
+    "pareto": "on the Pareto front of (final_avg higher, general_delta higher) within the model and sequence, "
+              "with seed noise: dominated only when another row is better by more than one std on both axes",
+    "modules": "adapted modules: all (full fine-tuning), attn, mlp, attn+mlp, or the module names",
+    "lr": "the effective learning rate (the method's lr or train.lr, times train.lr_scale)",
     "trainable_params": "trainable parameters (count, mean over seeds)",
     "active_params": "parameters used per token (count; below trainable for sparse mixtures)",
     "train_seconds": "training time summed over stages (seconds, mean over seeds)",
@@ -39,7 +42,7 @@ COLUMN_HELP = {
     "n_examples": "evaluation examples per evaluation pass, all tasks together",
     "eval_batch_size": "evaluation batch size (scores can depend on it)",
 }
-COST_COLUMNS = ["trainable_params", "active_params", "train_seconds", "peak_memory_mb", "n_examples",
+COST_COLUMNS = ["modules", "lr", "trainable_params", "active_params", "train_seconds", "peak_memory_mb", "n_examples",
                 "eval_batch_size"]
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222;max-width:1600px}

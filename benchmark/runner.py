@@ -130,8 +130,9 @@ def base_model_path(plan: Plan, quiet: bool) -> Path | None:
     from benchmark.models import tinyworld_path
     from tasks import SUITES, TASKS
 
-    # the base is pretrained until it knows the tiny-world facts, whatever suite this run reports (--general)
-    facts = [TASKS.get(n) for n in SUITES.get("tiny-world").tasks]
+    # the base is pretrained until it knows all the tiny-world facts (both halves: the test suite and the
+    # validation suite), whatever suite this run reports, so tuning on validation and testing share one base
+    facts = [TASKS.get(n) for suite in ("tiny-world", "tiny-world-val") for n in SUITES.get(suite).tasks]
     return tinyworld_path(plan.cfg.model.pretrain, facts, quiet=quiet)
 
 

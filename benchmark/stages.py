@@ -35,7 +35,13 @@ logger = logging.getLogger(__name__)
 
 
 def new_record(plan: Plan, rid: str, method_name: str, seed: int, mcfg: Any) -> dict[str, Any]:
-    """A run record before its first stage (status ``running``)."""
+    """A run record before its first stage (status ``running``).
+
+    ``general_floor`` (one per general benchmark; None for lm-eval built-in tasks, whose floor is unknown) and
+    ``task_floors`` (one per downstream task) are the measured floors of :mod:`tasks.floors` (schema 1.5).
+    """
+    from tasks.floors import task_floor
+
     return {
         "schema_version": SCHEMA_VERSION, "run_id": rid, "method": method_name,
         "model": model_label(plan.cfg.model.name), "model_source": model_source(plan.cfg.model.name),
@@ -43,7 +49,8 @@ def new_record(plan: Plan, rid: str, method_name: str, seed: int, mcfg: Any) -> 
         "error": None, "failed_stage": None, "config": plan.cfg.to_dict(), "method_config": mcfg.to_dict(),
         "precision": plan.precision,
         "tasks": [t.name for t in plan.tasks], "general_tasks": [g.name for g in plan.general] + plan.general_builtin,
-        "general_chance": [g.chance for g in plan.general] + [0.0] * len(plan.general_builtin),
+        "general_floor": [task_floor(g) for g in plan.general] + [None] * len(plan.general_builtin),
+        "task_floors": [task_floor(t) for t in plan.tasks],
         "metric_names": {t.name: spec_metric(t) for t in plan.tasks + plan.general},
         "git": git_info(), "env": environment(), "resumed_from": [], "R": [], "G": [], "stages": [],
         "diagnostics": [],
@@ -185,7 +192,9 @@ def _stage_loop(plan: Plan, method_name: str, seed: int, rid: str, base_path: Pa
         rec["diagnostics"].append({"stage": 0, **method.diagnostics(model)})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    lr = mcfg.lr if mcfg.lr is not None else cfg.train.lr
+    lr = cfg.train.method_lr(mcfg.lr)
+    # the budget the leaderboard shows next to the params; set on resume too (a checkpoint may predate them)
+    rec["lr"], rec["adapted_modules"] = lr, method.adapted_modules(model)
     for i, task in enumerate(plan.tasks, start=1):
         if i <= done:
             continue

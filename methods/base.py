@@ -131,6 +131,12 @@ class Method(ABC):
         """The module handed to evaluation (must behave like a ``transformers`` causal LM)."""
         return model
 
+    def adapted_modules(self, model: nn.Module) -> list[str]:
+        """Sorted module-name suffixes that carry trainable parameters, e.g. ``["down_proj", "up_proj"]``, or
+        ``["all"]`` when every parameter trains (the leaderboard's budget columns). Default:
+        :func:`adapted_module_names` of the wrapped model; override only if that reads the structure wrongly."""
+        return adapted_module_names(model)
+
 
 def check_targets(targets: list[str], module_names: set[str]) -> None:
     """Raise ``ValueError`` unless every target matches a whole trailing component of some module name
@@ -139,6 +145,41 @@ def check_targets(targets: list[str], module_names: set[str]) -> None:
     if missing:
         present = sorted({n.rsplit(".", 1)[-1] for n in module_names if not n.rsplit(".", 1)[-1].isdigit()})
         raise ValueError(f"Invalid target_modules: {missing} not in the model; module names: {present}")
+
+
+def adapted_module_names(model: nn.Module) -> list[str]:
+    """Sorted last name components of the modules whose weights a wrapped model trains (``["all"]``: every one).
+
+    A trainable parameter is credited to the adapter wrapper around it when there is one -- the innermost
+    enclosing module that holds frozen weights, provided they are its own or its direct children's (peft's
+    ``base_layer``, ``MoELoRALinear.base``) and its trainable ones lie at most two levels below it
+    (``lora_A.default.weight``) -- and otherwise to the module that owns it (e.g. a norm trained in place).
+    """
+    params = list(model.named_parameters())
+    if params and all(p.requires_grad for _, p in params):
+        return ["all"]
+    # deepest parameter (dots in its name relative to the module) of each kind under every module; -1 = none
+    depth: dict[str, dict[bool, int]] = {}
+    for name, p in params:
+        parts = name.split(".")
+        for i in range(len(parts)):
+            d = depth.setdefault(".".join(parts[:i]), {True: -1, False: -1})
+            d[p.requires_grad] = max(d[p.requires_grad], len(parts) - 1 - i)
+    found: set[str] = set()
+    for name, p in params:
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")
+        chosen = parts[:-1]  # the owning module
+        for i in range(len(parts) - 1, -1, -1):
+            d = depth[".".join(parts[:i])]
+            if d[False] >= 0:  # the innermost ancestor holding frozen weights: a wrapper, or the model itself
+                if d[False] <= 1 and d[True] <= 2:
+                    chosen = parts[:i]
+                break
+        names = [c for c in chosen if not c.isdigit()]
+        found.add(names[-1] if names else parts[-1])
+    return sorted(found)
 
 
 def freeze(model: nn.Module) -> None:

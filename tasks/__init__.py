@@ -20,11 +20,22 @@ _HERE = Path(__file__).parent
 
 
 def load_task_yaml(path: Path) -> TaskSpec:
-    """Read one task YAML (safe_load); relative data paths resolve against the YAML's folder."""
+    """Read one task YAML (safe_load); relative data paths resolve against the YAML's folder.
+
+    A bad file (unknown or removed key such as ``chance``, invalid value) raises a one-line :class:`UserError`
+    naming the file, not a traceback.
+    """
+    from benchmark.errors import UserError
+
     with open(path, encoding="utf-8") as f:
         raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"task file {str(path)!r}: top level must be a mapping")
     raw.setdefault("name", path.stem)
-    return TaskSpec(**raw, root=str(path.parent.resolve())) if "root" not in raw else TaskSpec(**raw)
+    try:
+        return TaskSpec(**raw, root=str(path.parent.resolve())) if "root" not in raw else TaskSpec(**raw)
+    except (TypeError, ValueError) as exc:  # TaskSpec's own checks, and unknown keys (TypeError)
+        raise UserError(f"task file {str(path)!r}: {exc}") from exc
 
 
 def load_sequence_yaml(path: Path) -> SequenceSpec:

@@ -8,8 +8,10 @@ or objects registered from Python with :func:`register_task`; outside packages a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,16 @@ GROUPS = ("downstream", "general")
 OUTPUT_TYPES = ("generate_until", "multiple_choice")
 METRICS = ("exact_match", "acc", "rouge_l", "edit_sim")
 TRAIN_FORMATS = ("answer", "full")
-_OPTIONAL_FIELDS = ("source", "preprocess", "preprocess_args", "eval_target", "answer_regex")
+_OPTIONAL_FIELDS = ("source", "preprocess", "preprocess_args", "eval_target", "answer_regex", "floor")
+
+
+def _unset_optional(name: str, value: Any) -> bool:
+    """An optional field left unset (left out of the content hash); a floor of 0.0 is set, only None is not."""
+    return name in _OPTIONAL_FIELDS and (value is None if name == "floor" else not value)
+
+
+# Removed fields: passing one fails with this advice instead of Python's "unexpected keyword argument".
+_REMOVED_FIELDS = {"chance": "the floor is measured from the test split (tasks/floors.py); remove it"}
 
 
 @dataclass
@@ -53,7 +64,10 @@ class TaskSpec:
             (e.g. TRACE ScienceQA trains on "Answer: B\nBecause ..." and scores the letter).
         answer_regex: regular expression whose first group is taken from a generation before scoring.
         train_steps: default optimiser steps for this task's stage.
-        chance: chance score in points (for normalised general metrics).
+        floor: the task's measured floor in points (0-100): the best answer-blind score on the test split, as
+            :func:`tasks.floors.measured_floor` computes it; generated YAMLs store it (``floor:``). None: measured
+            when a run needs it (:func:`tasks.floors.task_floor`). It replaces the declared ``chance`` level,
+            which was wrong whenever the answers are unbalanced; ``chance`` is rejected.
         max_gen_toks: generation budget for ``generate_until``.
         until: strings that end a generation (e.g. ``"."`` for a fact sentence trained with its full stop).
     """
@@ -70,7 +84,7 @@ class TaskSpec:
     metric: str = "exact_match"
     data: dict[str, str] = field(default_factory=dict)
     train_steps: int = 100
-    chance: float = 0.0
+    floor: float | None = None
     max_gen_toks: int = 16
     until: list[str] = field(default_factory=lambda: ["\n"])
     description: str = ""
@@ -105,6 +119,11 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: a downstream task needs a 'train' split")
         if not isinstance(self.train_steps, int) or self.train_steps < 1:
             raise ValueError(f"task {self.name!r}: invalid train_steps {self.train_steps!r} (must be >= 1)")
+        if self.floor is not None:
+            ok = isinstance(self.floor, (int, float)) and not isinstance(self.floor, bool)
+            if not ok or math.isnan(self.floor) or not 0 <= self.floor <= 100:
+                raise ValueError(f"task {self.name!r}: invalid floor {self.floor!r} (points, 0-100)")
+            self.floor = float(self.floor)
 
     @property
     def splits(self) -> list[str]:
@@ -130,7 +149,10 @@ class TaskSpec:
         """Hash of the spec (without its location) and of every split's data (file bytes or loaded records)."""
         h = hashlib.sha256()
         spec = {k: v for k, v in self.__dict__.items() if k not in ("root", "data") and not k.startswith("_")
-                and not (k in _OPTIONAL_FIELDS and not v)}  # unset newer fields keep older tasks' hashes
+                and not _unset_optional(k, v)}  # unset newer fields keep older tasks' hashes
+        # keep older tasks' hashes: ``chance`` (removed) was hashed, 0.0 unless declared, so a task that never
+        # declared one keeps its sequence ids, evaluation cache keys and base-model recipe
+        spec["chance"] = 0.0
         h.update(json.dumps(spec, sort_keys=True, default=str).encode())
         for split in self.splits:
             h.update(split.encode())
@@ -139,6 +161,23 @@ class TaskSpec:
             else:
                 h.update(json.dumps(self.records(split), sort_keys=True, default=str).encode())
         return h.hexdigest()
+
+
+def _reject_removed_fields(init: Any) -> Any:
+    """Wrap the dataclass ``__init__``: a removed field gets one line of advice, not a TypeError."""
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        for name, advice in _REMOVED_FIELDS.items():
+            if name in kwargs:
+                task = kwargs.get("name", args[0] if args else "?")
+                raise ValueError(f"task {task!r}: {name!r} is no longer accepted: {advice}")
+        init(self, *args, **kwargs)
+
+    return wrapper
+
+
+TaskSpec.__init__ = _reject_removed_fields(TaskSpec.__init__)  # type: ignore[method-assign]
 
 
 @dataclass

@@ -147,6 +147,92 @@ def test_leaderboard_aggregates_seeds_and_flags_pareto(tmp_path):
     assert "72.3 ± 0.9" in md and "general_base (base model, before any training) = 62.5" in md
 
 
+# -- the front with seed noise (docs/metrics.md, "Aggregation and the trade-off view") ------------------------
+def one_task(method, seed, final, delta):
+    """A T = 1 run with final_avg = ``final`` and general_delta = ``delta`` (one general benchmark at 50)."""
+    return make_record(method, seed, [[10.0], [final]], [[50.0], [50.0 + delta]], chance=(25.0,))
+
+
+def test_front_within_one_std_is_shared_and_listed(tmp_path):
+    recs = [one_task("hi", 0, 70.0, 0.0), one_task("hi", 1, 72.0, 2.0),  # mean (71, 1), std (1.41, 1.41)
+            one_task("lo", 0, 70.0, 0.0), one_task("lo", 1, 70.5, 0.5),  # mean (70.25, 0.25): lower on both
+            one_task("far", 0, 60.0, -5.0), one_task("far", 1, 61.0, -4.0)]  # lower by > 1 std on both
+    d = write_records(tmp_path / "d", recs)
+    lb.write_all(d, plots=False)
+    board = csv(d / "leaderboard.csv")
+    # (a) hi beats lo on both means, by less than one std: both on the front, and said to be within noise
+    # (b) hi beats far by more than one std on both axes: far is dominated
+    assert {m: bool(row(board, method=m)["pareto"]) for m in ("hi", "lo", "far")} == {"hi": True, "lo": True,
+                                                                                     "far": False}
+    md = (d / "leaderboard.md").read_text()
+    assert "within noise: hi ~ lo\n" in md and "far ~" not in md.split("within noise:")[1].splitlines()[0]
+    assert "| **hi** * |" in md and "| **lo** * |" in md and "| far |" in md
+
+
+def test_front_single_seed_rows_use_the_strict_rule():
+    # (c) no std on either axis (n < 2): the plain Pareto rule, identical to metrics.pareto_front
+    pts = [(70.0, -5.0), (60.0, -2.0), (65.0, -6.0), (70.0, -5.0), (None, 0.0), (80.0, None), (55.0, -2.0),
+           (math.nan, 10.0), (70.0, -5.5)]
+    front, within = lb.noisy_pareto_front(pts, [(None, None)] * len(pts))
+    assert front == lb.metrics.pareto_front(pts)
+    assert front == [True, True, False, True, False, False, False, False, False] and within == []
+    # one row with a std: its noise is the margin of the pair (the larger defined std per axis)
+    pts2, stds2 = [(71.0, 1.0), (70.0, 0.0)], [(1.5, 1.5), (None, None)]
+    assert lb.noisy_pareto_front(pts2, stds2) == ([True, True], [(0, 1)])
+    assert lb.noisy_pareto_front(pts2, [(0.5, 0.5), (None, None)]) == ([True, False], [])
+    # an axis without a margin only needs >=; the other must clear its margin
+    assert lb.dominates((72.0, 0.0), (70.0, 0.0), (1.0, None), (None, None))
+    assert not lb.dominates((70.5, 0.0), (70.0, 0.0), (1.0, None), (None, None))
+    assert not lb.dominates((70.0, 0.0), (70.0, 0.0))  # identical points never dominate each other
+    assert lb.noisy_pareto_front([], []) == ([], [])
+
+
+# -- budget columns: adapted modules and learning rate ------------------------------------------------------
+def test_compact_modules():
+    assert lb.compact_modules(["all"]) == "all"
+    assert lb.compact_modules(["down_proj", "gate_proj", "up_proj"]) == "mlp"
+    assert lb.compact_modules(lb.MODULE_GROUPS["attn"] + lb.MODULE_GROUPS["mlp"]) == "attn+mlp"
+    assert lb.compact_modules(["q_proj", "v_proj"]) == "q_proj+v_proj"  # a partial group is listed
+    assert lb.compact_modules(["norm", "q_proj", "k_proj", "v_proj", "o_proj"]) == "attn+norm"
+
+
+def test_budget_columns_and_old_records(tmp_path):
+    new = [make_record("m", s, R3, G3) for s in (0, 1)]
+    for r in new:
+        r.update(adapted_modules=["down_proj", "gate_proj", "up_proj"], lr=2e-3)
+    full = make_record("f", 0, R3, G3)
+    full.update(adapted_modules=["all"], lr=1e-4)
+    old = make_record("o", 0, R3, G3)  # a record from before the budget fields
+    d = write_records(tmp_path / "d", new + [full, old])
+    lb.write_all(d, plots=False)
+    runs, board = csv(d / "runs.csv"), text_csv(d / "leaderboard.csv")
+    assert row(runs, method="m", seed=0)["adapted_modules"] == "down_proj,gate_proj,up_proj"
+    assert row(runs, method="m", seed=1)["lr"] == pytest.approx(2e-3) and pd.isna(row(runs, method="o")["lr"])
+    m = row(board, method="m")
+    assert (m["modules"], m["adapted_modules"], float(m["lr"])) == ("mlp", "down_proj,gate_proj,up_proj", 2e-3)
+    assert row(board, method="f")["modules"] == "all"
+    o = row(board, method="o")
+    assert o["modules"] == o["adapted_modules"] == o["lr"] == ""  # old records: empty, never a made-up value
+    cols = list(board.columns)
+    assert cols.index("active_params_std") + 1 == cols.index("modules") < cols.index("lr") < cols.index(
+        "train_seconds")
+    md = (d / "leaderboard.md").read_text()
+    assert "| trainable params | active params | modules | lr | train s |" in md
+    assert "| 1,000 | 500 | mlp | 0.002 | 6 |" in md and "| 1,000 | 500 | all | 0.0001 | 6 |" in md
+    assert "| 1,000 | 500 |  |  | 6 |" in md
+
+
+def test_budget_that_differs_over_seeds_is_left_empty_with_a_warning(tmp_path, caplog):
+    recs = [make_record("m", s, R3, G3) for s in (0, 1)]
+    recs[0].update(adapted_modules=["up_proj"], lr=1e-3)
+    recs[1].update(adapted_modules=["up_proj"], lr=2e-3)  # e.g. train.lr changed between the seeds
+    d = write_records(tmp_path / "d", recs)
+    with caplog.at_level(logging.WARNING, logger="benchmark.leaderboard"):
+        m = row(lb.build(lb.load_records([d])), method="m")
+    assert pd.isna(m["lr"]) and m["modules"] == "up_proj"
+    assert any("different lr" in r.getMessage() for r in caplog.records)
+
+
 def test_method_variants_are_never_averaged_together(tmp_path):
     """Runs of one method with other options (an ablation, a merged folder) get a row of their own."""
     r0 = make_record("h", 0, R3, G3)

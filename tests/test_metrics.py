@@ -18,8 +18,8 @@ R3 = [
 # T = 1.
 R1 = [[30.0], [70.0]]
 
-# T = 3, M = 2 general benchmarks with chance 25 (4-way MC) and 50 (binary).
-CHANCE = [25.0, 50.0]
+# T = 3, M = 2 general benchmarks with measured floors 25 (4-way MC) and 50 (binary).
+FLOOR = [25.0, 50.0]
 G3 = [
     [55.0, 70.0],  # mean 62.5 (base)
     [50.0, 66.0],  # mean 58.0
@@ -54,6 +54,25 @@ def test_avg_incremental():
 def test_plasticity():
     # R[1][1], R[2][2], R[3][3] = 80, 70, 90 -> 240 / 3 = 80
     assert val(m.plasticity(R3)) == pytest.approx(80.0)
+
+
+def test_plasticity_floor_margin():
+    # diagonal 80, 70, 90; floors 65, 20, 10 -> margins 15, 50, 80 -> min 15 (task 1, although task 2 has the
+    # lowest diagonal score: the floor decides which task was learned least)
+    assert val(m.plasticity_floor_margin(R3, [65.0, 20.0, 10.0])) == pytest.approx(15.0)
+    # a task below its floor gives a negative margin: 70 - 75 = -5
+    assert val(m.plasticity_floor_margin(R3, [0.0, 75.0, 0.0])) == pytest.approx(-5.0)
+    assert val(m.plasticity_floor_margin(R1, [40.0])) == pytest.approx(30.0)  # 70 - 40
+    assert_undefined(m.plasticity_floor_margin(R3), "no task floors")
+    assert_undefined(m.plasticity_floor_margin(R3, [65.0, None, 10.0]), "floor", "[2]")
+    assert_undefined(m.plasticity_floor_margin(R3, [None, None, None]), "no task floors", "1.5")  # an old record
+    r = [row[:] for row in R3]
+    r[3][2] = math.nan  # the diagonal cell of task 3
+    assert_undefined(m.plasticity_floor_margin(r, [65.0, 20.0, 10.0]), "R[3][2]")
+    with pytest.raises(ValueError, match="one floor per task"):
+        m.plasticity_floor_margin(R3, [65.0, 20.0])
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        m.plasticity_floor_margin(R3, [65.0, 20.0, 101.0])
 
 
 def test_bwt_divides_by_T_minus_1():
@@ -130,25 +149,25 @@ def test_general_normalised():
     # benchmark 1 (c=25): base (55-25)/75*100 = 40; final (49-25)/75*100 = 32; delta -8
     # benchmark 2 (c=50): base (70-50)/50*100 = 40; final (65-50)/50*100 = 30; delta -10
     # mean delta = (-8 - 10) / 2 = -9   (raw delta is -5.5: normalisation changes the answer)
-    assert val(m.general_delta_norm(G3, CHANCE)) == pytest.approx(-9.0)
+    assert val(m.general_delta_norm(G3, FLOOR)) == pytest.approx(-9.0)
     # retention: mean final 31 / mean base 40 = 0.775
-    assert val(m.general_retention_norm(G3, CHANCE)) == pytest.approx(0.775)
+    assert val(m.general_retention_norm(G3, FLOOR)) == pytest.approx(0.775)
 
 
-def test_general_normalised_clamps_below_chance():
+def test_general_normalised_clamps_below_floor():
     # base: (30-25)/75*100 = 6.666...; (60-50)/50*100 = 20
     # final: 20 < 25 -> 0; 45 < 50 -> 0   (not negative)
     # deltas -6.666..., -20 -> mean -13.333...
     g = [[30, 60], [20, 45]]
-    assert val(m.general_delta_norm(g, CHANCE)) == pytest.approx(-40 / 3)
-    assert val(m.general_retention_norm(g, CHANCE)) == pytest.approx(0.0)
+    assert val(m.general_delta_norm(g, FLOOR)) == pytest.approx(-40 / 3)
+    assert val(m.general_retention_norm(g, FLOOR)) == pytest.approx(0.0)
 
 
 def test_retention_undefined_when_base_is_zero():
     assert_undefined(m.general_retention([[0, 0], [10, 10]]), "general_base")
-    # base at or below chance on every benchmark -> normalised base 0; raw retention (30+60)/2 / (20+40)/2 = 1.5
+    # base at or below the floor on every benchmark -> normalised base 0; raw retention (30+60)/2 / (20+40)/2 = 1.5
     g = [[20, 40], [30, 60]]
-    assert_undefined(m.general_retention_norm(g, CHANCE), "normalised")
+    assert_undefined(m.general_retention_norm(g, FLOOR), "normalised")
     assert val(m.general_retention(g)) == pytest.approx(1.5)
 
 
@@ -160,9 +179,9 @@ def test_general_single_task():
     assert val(m.general_delta(g1)) == pytest.approx(-5.5)
     assert val(m.general_retention(g1)) == pytest.approx(0.912)  # 57 / 62.5
     assert val(m.general_worst_delta(g1)) == pytest.approx(-5.5)  # the only trained stage
-    assert val(m.general_delta_norm(g1, CHANCE)) == pytest.approx(-9.0)  # as in test_general_normalised
-    assert val(m.general_retention_norm(g1, CHANCE)) == pytest.approx(0.775)
-    out = m.compute_all(R1, g1, CHANCE)
+    assert val(m.general_delta_norm(g1, FLOOR)) == pytest.approx(-9.0)  # as in test_general_normalised
+    assert val(m.general_retention_norm(g1, FLOOR)) == pytest.approx(0.775)
+    out = m.compute_all(R1, g1, FLOOR)
     assert val(out["general_delta"]) == pytest.approx(-5.5) and val(out["final_avg"]) == pytest.approx(70.0)
 
 
@@ -193,18 +212,29 @@ def test_nan_in_general_matrix():
     g[2][1] = math.nan  # middle stage only
     assert val(m.general_delta(g)) == pytest.approx(-5.5)  # uses rows 0 and T only
     assert_undefined(m.general_worst_delta(g), "G[2][1]")
-    assert_undefined(m.general_delta_norm([[55, math.nan], [49, 65]], CHANCE), "G[0][1]")
+    assert_undefined(m.general_delta_norm([[55, math.nan], [49, 65]], FLOOR), "G[0][1]")
 
 
 # -- compute_all, METRICS ---------------------------------------------------------------------------------
 def test_compute_all_matches_individual_functions():
-    out = m.compute_all(R3, G3, CHANCE, reference=[90, 75, 88])
+    out = m.compute_all(R3, G3, FLOOR, reference=[90, 75, 88], task_floors=[65.0, 20.0, 10.0])
     assert list(out) == list(m.METRICS)
+    assert val(out["plasticity_floor_margin"]) == pytest.approx(15.0)  # as in test_plasticity_floor_margin
     assert val(out["forgetting"]) == pytest.approx(15.0)
     assert val(out["intransigence"]) == pytest.approx(13 / 3)
     assert val(out["general_delta_norm"]) == pytest.approx(-9.0)
     assert val(out["general_worst_delta"]) == pytest.approx(-14.5)
-    assert_undefined(m.compute_all(R3, G3, CHANCE)["intransigence"], "reference")
+    assert_undefined(m.compute_all(R3, G3, FLOOR)["intransigence"], "reference")
+    assert_undefined(m.compute_all(R3, G3, FLOOR)["plasticity_floor_margin"], "no task floors")
+    # positional order kept: R, G, floor, reference
+    assert val(m.compute_all(R3, G3, FLOOR, [90, 75, 88])["intransigence"]) == pytest.approx(13 / 3)
+
+
+def test_unknown_general_floor_counts_as_zero():
+    # an lm-eval built-in benchmark has no measured floor (None): f = 0, so N = G on it
+    # benchmark 1 (f=0): 49 - 55 = -6; benchmark 2 (f=50): 30 - 40 = -10 -> mean -8
+    assert val(m.general_delta_norm(G3, [None, 50.0])) == pytest.approx(-8.0)
+    assert val(m.compute_all(R3, G3, [None, 50.0])["general_delta_norm"]) == pytest.approx(-8.0)
 
 
 def test_metrics_table():
@@ -235,13 +265,20 @@ def test_R_shape_errors(bad):
         m.final_avg(bad)
 
 
-def test_G_and_chance_errors():
+def test_G_and_floor_errors():
     with pytest.raises(ValueError, match="rows like R"):
-        m.compute_all(R3, G3[:3], CHANCE)
+        m.compute_all(R3, G3[:3], FLOOR)
     with pytest.raises(ValueError, match="one entry per general benchmark"):
         m.compute_all(R3, G3, [25.0])
-    with pytest.raises(ValueError, match=r"\[0, 100\)"):
-        m.general_delta_norm(G3, [25.0, 100.0])
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        m.general_delta_norm(G3, [25.0, 101.0])
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        m.general_delta_norm(G3, [25.0, math.nan])
+    # a measured floor of 100 (one answer everywhere) is data, not an error: the normalised metrics are undefined
+    assert_undefined(m.general_delta_norm(G3, [25.0, 100.0]), "[2]", "100")
+    out = m.compute_all(R3, G3, [25.0, 100.0])
+    assert_undefined(out["general_retention_norm"], "100")
+    assert val(out["general_delta"]) == pytest.approx(-5.5)
     with pytest.raises(ValueError, match="G must be"):
         m.general_delta([[50, 60]])  # base row only, no stage
 

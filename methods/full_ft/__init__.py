@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -11,7 +11,13 @@ from methods.base import Method, MethodConfig, register_method
 
 @dataclass
 class FullFTConfig(MethodConfig):
-    """Full fine-tuning has no hyper-parameters beyond the shared training settings (``lr`` may override)."""
+    """Full fine-tuning has no hyper-parameters beyond the shared training settings.
+
+    Args:
+        lr: 3e-4, chosen on the tiny-world validation sequence (``scripts/tune_defaults.py``: the lr of the grid with the best validation plasticity; results/tuning/README.md), from {1e-4, 3e-4, 1e-3}.
+    """
+
+    lr: float | None = field(default=3e-4, metadata={"help": "Learning rate (tiny-world validation choice)."})
 
 
 @register_method("full_ft")

@@ -1,6 +1,7 @@
 """LoRA through ``peft`` (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
 
 One adapter is trained across the whole sequence (sequential LoRA), so a checkpoint holds the adapter only.
+``lora`` adapts every linear projection; ``lora_mlp`` is the budget-matched control of the MoE methods.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 from methods.base import Method, MethodConfig, check_targets, register_method
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MLP_LINEAR = ["gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -24,7 +26,10 @@ class LoraMethodConfig(MethodConfig):
         alpha: scaling numerator (``lora_alpha``; the update is scaled by alpha / r).
         dropout: dropout on the adapter input.
         target_modules: module-name suffixes to adapt (default: all linear projections of a Llama block).
+        lr: 3e-3, chosen on the tiny-world validation sequence (``scripts/tune_defaults.py``: the lr of the grid with the best validation plasticity; results/tuning/README.md), from {1e-3, 3e-3, 1e-2} (the paper tunes it per task and gives no single value).
     """
+
+    lr: float | None = field(default=3e-3, metadata={"help": "Learning rate (tiny-world validation choice)."})
 
     r: int = field(default=8, metadata={"help": "LoRA rank."})
     alpha: float = field(default=16.0, metadata={"help": "lora_alpha; scaling = alpha / r."})
@@ -76,3 +81,46 @@ class Lora(Method):
     def eval_model(self, model: nn.Module) -> nn.Module:
         # the transformers model with LoRA layers injected: what lm-eval's HFLM accepts
         return model.get_base_model()
+
+
+@dataclass
+class LoraMLPConfig(LoraMethodConfig):
+    """``lora``'s options with the MoE methods' modules and budget as defaults.
+
+    Args:
+        r: adapter rank; 36 matches SLIM's trainable budget on the default tiny-world model (see :class:`LoraMLP`).
+        alpha: ``lora_alpha``; ``None`` = 2 r, i.e. ``lora``'s default scaling alpha / r = 2 at any rank.
+        target_modules: the MLP projections, where SLIM and LoRAMoE put their experts.
+        lr: 1e-3, chosen on the tiny-world validation sequence (``scripts/tune_defaults.py``: the lr of the grid with the best validation plasticity; results/tuning/README.md), from {1e-3, 3e-3, 1e-2}.
+    """
+
+    lr: float | None = field(default=1e-3, metadata={"help": "Learning rate (tiny-world validation choice)."})
+
+    r: int = field(default=36, metadata={"help": "LoRA rank (36: SLIM's trainable budget on tiny-world)."})
+    alpha: float | None = field(default=None, metadata={"help": "lora_alpha; None = 2 * r (scaling 2, as lora)."})
+    target_modules: list[str] = field(default_factory=lambda: list(MLP_LINEAR),
+                                      metadata={"help": "Module-name suffixes to adapt (default: the MLP)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alpha is None:  # resolved here, so the record's method_config states the value used
+            self.alpha = 2.0 * self.r
+
+
+@register_method("lora_mlp")
+class LoraMLP(Lora):
+    """LoRA on ``gate_proj``/``up_proj``/``down_proj`` only, with about the trainable budget of SLIM and LoRAMoE.
+
+    ``lora`` adapts attention and MLP with r = 8 (94,208 trainable parameters on tiny-world), while SLIM and
+    LoRAMoE put their experts on the MLP only, with about three times the parameters; comparing them measures
+    "MLP vs attention" and "big vs small" as much as "mixture vs single adapter". This variant removes both
+    differences: same modules, same budget. On the default tiny-world model (4 layers, hidden 128, FFN 512) a
+    rank-r adapter on the three projections costs r * (128 + 512) * 3 * 4 = 7,680 r parameters, so r = 36 gives
+    276,480 trainable = SLIM's 276,480 (LoRAMoE: 270,336, 2.2 % fewer). With its defaults SLIM costs
+    32 (in + out) + 10 in per projection (8 rank-4 experts, a 10-way router), so the matching rank is
+    32 + 10 sum(in) / sum(in + out): 36 for FFN = 4 x hidden, 36.2 for SmolLM2-135M (576/1536); other settings
+    need ``r`` re-chosen (the leaderboard's ``trainable_params`` shows the budgets). alpha follows r (2 r), so
+    the update scale alpha / r is ``lora``'s.
+    """
+
+    config_cls = LoraMLPConfig
