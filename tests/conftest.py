@@ -58,3 +58,43 @@ def tiny_llama():
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
     return LlamaForCausalLM(cfg)
+
+
+# tiny-world v1 tasks that v2 removed, rebuilt locally where a test needs what they exercised (v2's classification
+# tasks are multiple choice and it has no fact-injection task)
+CITY_FACTS = [("Lagos", "Nigeria"), ("Chengdu", "China"), ("São Paulo", "Brazil"), ("İzmir", "Turkey"),
+              ("Medellín", "Colombia"), ("Tai’an", "China"), ("Jeddah", "Saudi Arabia"),
+              ("Los Angeles", "United States"), ("Incheon", "South Korea"), ("Ahmedabad", "India"),
+              ("Lu’an", "China"), ("Daegu", "South Korea")]
+
+
+def city_task(folder, name: str = "t_city"):
+    """v1's ``tw_city`` on a dozen of its facts: new facts "X is a city in Y." trained with the full-sentence LM
+    loss (``train_format: full``, each record's ``text``), generated up to the full stop and scored by exact match
+    on the country (word answers after a space, some of two words or with non-ASCII letters); the test split
+    recalls the trained facts, as v1's did. The JSONL file is written under ``folder``."""
+    import json
+    from pathlib import Path
+
+    from tasks.base import TaskSpec
+
+    path = Path(folder) / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": f"{city} is a city in", "target": country, "text": f"{city} is a city in {country}."}
+            for city, country in CITY_FACTS]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return TaskSpec(name=name, kind="knowledge", group="downstream", output_type="generate_until",
+                    target_delimiter=" ", train_format="full", metric="exact_match", max_gen_toks=12,
+                    train_steps=300, until=["\n\n", "."], data={"train": str(path), "test": str(path)})
+
+
+def sentiment_generation_task(name: str = "tw_sentiment_gen"):
+    """v1's ``tw_sentiment`` on v2's records: the same review prompt, answered by generating the label word after a
+    space (" positive") and scored by exact match, instead of v2's log-likelihood over the two labels."""
+    import dataclasses
+
+    from tasks import TASKS
+
+    return dataclasses.replace(TASKS.get("tw_sentiment"), name=name, output_type="generate_until", choices=None,
+                               target="{{choices[label]}}", metric="exact_match", max_gen_toks=8, until=["\n\n"],
+                               floor=None)

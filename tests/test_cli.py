@@ -32,7 +32,7 @@ def test_dry_run_prints_plan(capsys, tmp_path):
     assert main(["run", "--methods", "full_ft,lora", "--seeds", "0,1", "--dry-run", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2 methods x 2 seeds x 3 stages = 4 runs" in out
-    assert "tw_add" in out and "tw_city" in out
+    assert "tw_add" in out and "tw_sentiment" in out and "tw_topic" in out
     assert not any(tmp_path.iterdir()), "a dry run writes nothing"
 
 

@@ -8,14 +8,23 @@ from benchmark.data import render
 from benchmark.evaluate import DocField, lm_eval_task_config
 
 
-@pytest.mark.parametrize("task", ["tw_add", "tw_city", "tw_sentiment", "tw_capital", "tw_element"])
-def test_doc_fields_match_lm_eval_string_handling(task):
+def _spec(task, folder):
+    """A registered task, or a local generative one with word answers (tiny-world v2 classifies by multiple
+    choice): v1's ``tw_city`` (answers of two words or with non-ASCII letters) and v1's generative sentiment."""
+    from tasks import TASKS
+    from tests.conftest import city_task, sentiment_generation_task
+
+    local = {"local_city": lambda: city_task(folder), "local_sentiment_gen": sentiment_generation_task}
+    return local[task]() if task in local else TASKS.get(task)
+
+
+@pytest.mark.parametrize("task", ["tw_add", "local_city", "local_sentiment_gen", "tw_sentiment", "tw_topic",
+                                  "tw_capital", "tw_element"])
+def test_doc_fields_match_lm_eval_string_handling(task, tmp_path):
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.utils import apply_template
 
-    from tasks import TASKS
-
-    spec = TASKS.get(task)
+    spec = _spec(task, tmp_path)
     cfg = lm_eval_task_config(spec)
     lm_task = ConfigurableTask(config=dict(cfg))
     fields = {k: cfg[k] for k in ("doc_to_text", "doc_to_target", "doc_to_choice") if k in cfg}

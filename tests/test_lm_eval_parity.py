@@ -2,8 +2,9 @@
 
 A small Llama is trained for a few hundred steps through the harness's own training code on the tiny-world capital
 facts and the ``tw_add`` / ``tw_sentiment`` training splits, then saved (model and tokenizer) to a folder. That
-folder is evaluated twice on real tiny-world tasks (``tw_capital``: multiple choice; ``tw_add`` and
-``tw_sentiment``: greedy generation):
+folder is evaluated twice on real tiny-world tasks (``tw_capital`` and ``tw_sentiment``: multiple choice, a general
+and a downstream one; ``tw_add``: greedy generation) and on ``tw_sentiment_gen``, the same reviews answered by greedy
+generation of the label word after a space (tiny-world v1's sentiment task, rebuilt in ``tests/conftest.py``):
 
 - by the harness: :func:`benchmark.models.load_base` + :func:`benchmark.evaluate.evaluate` (task configs built by
   ``lm_eval_task_config``, records handed over in memory, lm-eval's ``HFLM`` on the model object);
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-TASK_NAMES = ("tw_capital", "tw_add", "tw_sentiment")
+TASK_NAMES = ("tw_capital", "tw_add", "tw_sentiment", "tw_sentiment_gen")
 FAMILY_NAMES = ("sentencepiece_bos", "tinyworld")
 BATCH_SIZE = 64
 TRAIN_STEPS = 400
@@ -34,8 +35,11 @@ TRAIN_LR = 3e-3
 
 def _specs():
     from tasks import TASKS
+    from tests.conftest import sentiment_generation_task
 
-    return [TASKS.get(n) for n in TASK_NAMES]
+    specs = [TASKS.get(n) for n in TASK_NAMES[:-1]] + [sentiment_generation_task(TASK_NAMES[-1])]
+    assert [s.output_type for s in specs] == ["multiple_choice", "generate_until"] * 2
+    return specs
 
 
 def _train_folder(family: str, out_dir):
@@ -198,14 +202,18 @@ def test_saved_tokenizer_encodes_as_the_trained_one(reference):
 
 
 def test_harness_scores_equal_simple_evaluate(reference, monkeypatch):
+    from tasks import TASKS
+
     family, folder, _, out = reference
     scores, samples = _harness_evaluate(folder, monkeypatch)
     expected = {s.name: _lm_eval_score(out, s) for s in _specs()}
     print(f"{family}: harness {scores} lm-eval {expected}")
     assert scores == expected
-    # the scores say something: multiple choice above its 25% chance, each generation task neither 0 nor 100
+    # the scores say something: multiple choice above its floor (tw_capital: 25.2, tw_sentiment: 50) and below
+    # 100, each generation task neither 0 nor 100
     assert scores["tw_capital"] >= 35.0
-    assert 0.0 < scores["tw_add"] < 100.0 and 0.0 < scores["tw_sentiment"] < 100.0
+    assert TASKS.get("tw_sentiment").floor < scores["tw_sentiment"] < 100.0
+    assert 0.0 < scores["tw_add"] < 100.0 and 0.0 < scores["tw_sentiment_gen"] < 100.0
     for spec in _specs():
         ours = sorted((_comparable(s) for s in samples[spec.name]), key=lambda s: s["doc_id"])
         theirs = sorted((_comparable(s) for s in out["samples"][spec.name]), key=lambda s: s["doc_id"])
@@ -233,8 +241,10 @@ def test_parity_check_catches_a_bos_mismatch(reference, monkeypatch):
     expected = {s.name: _lm_eval_score(out, s) for s in _specs()}
     print(f"{family} without BOS: harness {scores} lm-eval {expected}")
     assert scores["tw_capital"] != expected["tw_capital"] and scores != expected
-    for name in TASK_NAMES:  # and the per-document check sees it in every task, whatever the scores do
+    for spec in _specs():  # and the per-document check sees it in every task, whatever the scores do
+        name = spec.name
         theirs = {s["doc_id"]: s["resps"] for s in out["samples"][name]}
         moved = sum(s["resps"] != theirs[s["doc_id"]] for s in samples[name])
-        least = len(theirs) if name == "tw_capital" else 1  # every log-likelihood; some generations
+        # every log-likelihood; some generations
+        least = len(theirs) if spec.output_type == "multiple_choice" else 1
         assert moved >= least, (name, moved)

@@ -13,6 +13,7 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.samples import read_samples, sample_row, write_samples
+from tasks import TASKS
 from tests.conftest import TINY_RUN
 
 METHODS = "full_ft,lora"
@@ -66,13 +67,19 @@ def test_every_stage_names_a_samples_file_with_one_row_per_document(local_run):
             assert list(by_task) == rec["tasks"] + rec["general_tasks"]  # every local task, in plan order
             for task, task_rows in by_task.items():
                 assert [r["doc_id"] for r in task_rows] == list(range(rec["n_examples"][task]))  # 6 at eval.limit
+                docs = TASKS.get(task).records("test")
                 for r in task_rows:
                     assert ROW_FIELDS <= set(r) and r["prompt"], r
-                    if task in rec["tasks"]:  # tiny-world downstream tasks generate
+                    if _generates(task):
                         assert {"generation", "answer"} <= set(r) and r["answer"] == r["generation"].strip()
-                    else:
+                    else:  # every option of the document (general: 4; tw_sentiment: 2; tw_topic: 4)
                         assert {"choices", "loglikelihoods", "is_greedy", "chosen"} <= set(r)
-                        assert len(r["choices"]) == len(r["loglikelihoods"]) == len(r["is_greedy"]) == 4
+                        n = 4 if task in rec["general_tasks"] else len(docs[r["doc_id"]]["choices"])
+                        assert len(r["choices"]) == len(r["loglikelihoods"]) == len(r["is_greedy"]) == n
+                        assert [c.strip() for c in r["choices"]] == docs[r["doc_id"]]["choices"]
+        # tiny-world's downstream tasks generate (tw_add) and classify by log-likelihood (tw_sentiment, tw_topic)
+        assert [_generates(t) for t in rec["tasks"]] == [True, False, False]
+        assert not any(_generates(t) for t in rec["general_tasks"])
     # the base evaluation is cached once for both methods, and so is its samples file
     full_ft, lora = recs.values()
     assert full_ft["base_samples"] == lora["base_samples"]
@@ -82,22 +89,36 @@ def test_every_stage_names_a_samples_file_with_one_row_per_document(local_run):
     assert [f[:-len(".jsonl.gz")] for f in files] == keys  # named by the evaluation cache key
 
 
+def _generates(task: str) -> bool:
+    return TASKS.get(task).output_type == "generate_until"
+
+
+def _mc_acc(mc: list[dict]) -> float:
+    """Accuracy of multiple-choice rows from their log-likelihoods (argmax, first of tied maxima)."""
+    for r in mc:
+        lls = r["loglikelihoods"]
+        assert r["chosen"] == lls.index(max(lls))
+        assert r["metrics"]["acc"] == float(r["chosen"] == r["target"])
+    return sum(r["chosen"] == r["target"] for r in mc) / len(mc) * 100.0
+
+
 def test_rows_reproduce_the_recorded_scores(local_run):
-    """Exact match recomputed from the rows' answers gives R; argmax of the log-likelihoods gives G's acc."""
+    """Exact match recomputed from the rows' answers gives R for a generation task, argmax of the log-likelihoods
+    gives the acc in R of a downstream multiple-choice task and in G of every general task."""
     for rec in _records(local_run).values():
+        assert any(map(_generates, rec["tasks"])) and not all(map(_generates, rec["tasks"]))  # both kinds in R
         for stage, rel in enumerate(_stage_files(rec)):
             rows = read_samples(local_run / rel)
             for i, task in enumerate(rec["tasks"]):
-                hits = [float(r["answer"] == r["target"]) for r in rows if r["task"] == task]
-                assert sum(hits) / len(hits) * 100.0 == pytest.approx(rec["R"][stage][i], abs=1e-9)
-                assert [r["metrics"]["exact_match"] for r in rows if r["task"] == task] == hits
+                if _generates(task):
+                    hits = [float(r["answer"] == r["target"]) for r in rows if r["task"] == task]
+                    assert sum(hits) / len(hits) * 100.0 == pytest.approx(rec["R"][stage][i], abs=1e-9)
+                    assert [r["metrics"]["exact_match"] for r in rows if r["task"] == task] == hits
+                else:
+                    acc = _mc_acc([r for r in rows if r["task"] == task])
+                    assert acc == pytest.approx(rec["R"][stage][i], abs=1e-9)
             for j, task in enumerate(rec["general_tasks"]):
-                mc = [r for r in rows if r["task"] == task]
-                for r in mc:
-                    lls = r["loglikelihoods"]
-                    assert r["chosen"] == lls.index(max(lls))
-                    assert r["metrics"]["acc"] == float(r["chosen"] == r["target"])
-                acc = sum(r["chosen"] == r["target"] for r in mc) / len(mc) * 100.0
+                acc = _mc_acc([r for r in rows if r["task"] == task])
                 assert acc == pytest.approx(rec["G"][stage][j], abs=1e-9)
 
 
@@ -150,14 +171,14 @@ def test_generation_rows_reproduce_a_nonzero_exact_match(tmp_path, cache_dir):
 
     plan = make_plan(make_config({"output": str(tmp_path / "out")}, TINY_RUN))
     model, tok = load_base(plan.cfg.model, base_model_path(plan, quiet=True), plan.precision)
-    city = TASKS.get("tw_city")
-    first = evaluate(model, tok, [city], batch_size=16, limit=6, log_samples="local").samples["tw_city"]
-    docs = city.records("test")[:6]
+    add = TASKS.get("tw_add")  # tiny-world's generation task
+    first = evaluate(model, tok, [add], batch_size=16, limit=6, log_samples="local").samples["tw_add"]
+    docs = add.records("test")[:6]
     own = [{**d, "target": r["answer"] if i % 2 == 0 else "(none)"} for i, (d, r) in enumerate(zip(docs, first))]
     assert all(d["target"] for d in own)  # a generation that strips to nothing cannot be a target
     data = tmp_path / "own.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in own), encoding="utf-8")
-    spec = dataclasses.replace(city, name="own_answers", data={"train": str(data), "test": str(data)}, root="")
+    spec = dataclasses.replace(add, name="own_answers", data={"train": str(data), "test": str(data)}, root="")
     res = evaluate(model, tok, [spec], batch_size=16, log_samples="local")
     rows = res.samples["own_answers"]
     assert [r["answer"] for r in rows] == [r["answer"] for r in first]  # same prompts, same greedy answers

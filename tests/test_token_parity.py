@@ -35,12 +35,18 @@ def family(request):
 
 def _specs():
     from tasks import TASKS
+    from tests.conftest import sentiment_generation_task
 
-    gen, mc = TASKS.get("tw_sentiment"), TASKS.get("tw_capital")
-    add = TASKS.get("tw_add")
+    # generation: a word answer after a space (v1's generative sentiment) and digits with no delimiter (tw_add);
+    # multiple choice: a downstream task (tw_sentiment, its label words) and a general one (tw_capital)
+    gen, add = sentiment_generation_task(), TASKS.get("tw_add")
+    mc_down, mc = TASKS.get("tw_sentiment"), TASKS.get("tw_capital")
     # a prompt ending in whitespace exercises lm-eval's move of that whitespace into the continuation
     spaced_mc = dataclasses.replace(mc, name="tw_capital_spaced", prompt="{{prompt}} ", target_delimiter="")
-    return [gen, add, mc, spaced_mc]
+    specs = [gen, add, mc_down, mc, spaced_mc]
+    assert [s.output_type for s in specs] == ["generate_until"] * 2 + ["multiple_choice"] * 3
+    assert mc_down.group == "downstream" and mc_down.train_format == "answer"
+    return specs
 
 
 def _requests(spec, lm, chat: bool, n: int = 40):
@@ -118,41 +124,55 @@ def test_training_ids_are_the_ids_lm_eval_scores(family, chat):
             assert ex.labels[:n_ctx] == [-100] * n_ctx and ex.labels[n_ctx:] == answer
 
 
+# one review as the generative (v1) and the multiple-choice (v2) sentiment task read it
+REVIEW = {"prompt": "Review: good. Sentiment:", "choices": ["negative", "positive"], "label": 1}
+
+
+def _sentiment_specs():
+    from tasks import TASKS
+    from tests.conftest import sentiment_generation_task
+
+    return [sentiment_generation_task(), TASKS.get("tw_sentiment")]
+
+
 def test_sentencepiece_answer_has_no_dummy_prefix_and_context_has_bos():
     """The two defects the parity fixes, spelled out on the Llama-2-style tokenizer."""
     from benchmark.data import encode_example
-    from tasks import TASKS
 
     tok = FAMILIES["sentencepiece_bos"]()
-    spec = TASKS.get("tw_sentiment")
-    ex = encode_example(spec, {"prompt": "Review: good. Sentiment:", "target": "positive"}, tok, 512)
-    pieces = tok.convert_ids_to_tokens(ex.input_ids)
-    assert pieces[0] == "<s>"
-    answer = [p for p, lab in zip(pieces, ex.labels) if lab != -100]
-    assert answer == ["▁positive", "</s>"]
+    for spec in _sentiment_specs():
+        ex = encode_example(spec, REVIEW, tok, 512)
+        pieces = tok.convert_ids_to_tokens(ex.input_ids)
+        assert pieces[0] == "<s>", spec.name
+        answer = [p for p, lab in zip(pieces, ex.labels) if lab != -100]
+        assert answer == ["▁positive", "</s>"], spec.name
 
 
 def test_chat_template_that_writes_bos_gets_no_second_bos():
     from benchmark.data import encode_example
-    from tasks import TASKS
 
     tok = FAMILIES["sentencepiece_bos"]()
-    ex = encode_example(TASKS.get("tw_sentiment"), {"prompt": "Review: good. Sentiment:", "target": "positive"},
-                        tok, 512, chat=True)
-    assert ex.input_ids.count(tok.bos_token_id) == 1 and ex.input_ids[0] == tok.bos_token_id
-    assert tok.decode(ex.input_ids[:ex.labels.index(next(x for x in ex.labels if x != -100))]) == (
-        "<s> [INST] Review: good. Sentiment: [/INST]")  # the decoder shows the legacy dummy prefix after <s>
+    for spec in _sentiment_specs():
+        ex = encode_example(spec, REVIEW, tok, 512, chat=True)
+        assert ex.input_ids.count(tok.bos_token_id) == 1 and ex.input_ids[0] == tok.bos_token_id, spec.name
+        assert tok.decode(ex.input_ids[:ex.labels.index(next(x for x in ex.labels if x != -100))]) == (
+            "<s> [INST] Review: good. Sentiment: [/INST]"), spec.name  # the legacy dummy prefix after <s>
 
 
-def test_tinyworld_ids_unchanged_by_the_parity_rules():
+def test_tinyworld_ids_unchanged_by_the_parity_rules(tmp_path):
     """tiny-world's tokenizer (no BOS, no merges across the answer boundary) gives the ids it always had:
     context and answer encoded separately, without special tokens, plus EOS."""
     from benchmark.data import answer_text, encode_task, render
     from tasks import TASKS
+    from tests.conftest import city_task, sentiment_generation_task
 
     tok = FAMILIES["tinyworld"]()
-    for name in ("tw_add", "tw_sentiment", "tw_city"):
-        spec = TASKS.get(name)
+    # generation (digits; a word after a space), multiple choice (the gold label word) and full-sentence facts
+    specs = [TASKS.get(n) for n in ("tw_add", "tw_sentiment", "tw_topic")]
+    specs += [sentiment_generation_task(), city_task(tmp_path)]
+    assert {s.train_format for s in specs} == {"answer", "full"}
+    assert {s.output_type for s in specs} == {"generate_until", "multiple_choice"}
+    for spec in specs:
         for rec, ex in zip(spec.records("train"), encode_task(spec, tok, 128)):
             if spec.train_format == "full":
                 text = rec.get("text") or render(spec.prompt, rec) + spec.target_delimiter + render(spec.target, rec)
