@@ -5,7 +5,7 @@ Two tables, each every built-in method with 3 seeds plus the joint-training refe
 * ``tiny-world`` (default): the embedded tiny-world v2 sequence on the self-pretrained tiny-world model, one torch
   thread per process (tiny-world scores move with the thread count);
 * ``smollm2-135m``: the same sequence on SmolLM2-135M-Instruct (``--model smollm2-135m``), sized for 2 CPU cores:
-  batch 16, a tenth of the tiny-world steps, the first 100 examples of every evaluated task, and every method's
+  batch 16, a tenth of the tiny-world steps, the first 50 examples of every evaluated task, and every method's
   tiny-world learning rate scaled by 0.1 (``train.lr_scale``).
 
 It runs what is missing, rebuilds the leaderboard, CSVs, plots and HTML report from the run records, and replaces
@@ -40,9 +40,9 @@ TABLES: dict[str, tuple[str, list[str], str]] = {
     "tiny-world": ("results", [], "the tiny-world model, every method at its default (chosen on tiny-world-val)"),
     "smollm2-135m": ("results-smollm2-135m",
                      ["--model", "smollm2-135m", "--set", "train.batch_size=16", "--set", "train.steps_scale=0.1",
-                      "--set", "train.lr_scale=0.1", "--set", "eval.limit=100", "--set", "eval.batch_size=32"],
+                      "--set", "train.lr_scale=0.1", "--set", "eval.limit=50", "--set", "eval.batch_size=32"],
                      "SmolLM2-135M-Instruct, batch 16, a tenth of the tiny-world steps, every method's tiny-world lr "
-                     "x 0.1 (`train.lr_scale`), the first 100 examples of every evaluated task"),
+                     "x 0.1 (`train.lr_scale`), the first 50 examples of every evaluated task"),
 }
 # a recipe small enough to pretrain in seconds (same as the test suite's): checks the pipeline, not the numbers
 TINY = ["model.pretrain.hidden_size=32", "model.pretrain.num_layers=2", "model.pretrain.num_heads=2",

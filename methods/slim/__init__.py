@@ -53,9 +53,9 @@ Per adapted linear (``y = W x + b + sum_i w_i f_i(x)``, docs/methods.md §1.3):
 |                      |                        | layer                    | evaluation cache                     |
 | L1 weight            | not stated             | l1_weight=1e-4           | docs/methods.md §1.4 [D]             |
 | balancing loss       | none mentioned         | none                     | faithful to the summary              |
-| learning rate        | not stated             | lr=2e-3 (tiny-world)     | measured: 1e-3 learns less, 3e-3 and |
-|                      |                        |                          | 5e-3 forget more (5e-3 also learns   |
-|                      |                        |                          | less)                                |
+| learning rate        | not stated             | lr=3e-3 (tiny-world)     | best validation plasticity of        |
+|                      |                        |                          | {1e-3, 3e-3, 1e-2} on tiny-world-val |
+|                      |                        |                          | (scripts/tune_defaults.py)           |
 
 Distance calibration (measured on tiny-world after 100 add steps): the paper's ratio ``r = max_c |x - c| / sigma``
 averages 2.4 on the 128-channel inputs and 4.0-4.5 on the 512-channel ``down_proj`` inputs for the *training*

@@ -56,7 +56,7 @@ class SlimConfig(MethodConfig):
         l1_weight: weight of ``sum_layers sum_experts |B|_1/(r*C_out) + |A|_1/(r*C_in)``.
     """
 
-    lr: float | None = field(default=2e-3, metadata=_h("Learning rate (tiny-world measured default; None: train.lr)."))
+    lr: float | None = field(default=3e-3, metadata=_h("Learning rate (tiny-world validation choice; None: train.lr)."))
     n_experts: int = field(default=8, metadata=_h("LoRA experts per adapted linear."))
     n_identity: int = field(default=2, metadata=_h("Identity (zero-delta) experts per adapted linear."))
     top_k: int = field(default=2, metadata=_h("Experts selected per token (renormalised)."))
