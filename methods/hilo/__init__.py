@@ -31,17 +31,11 @@ What this plugin does -- our defaults, marked [D], are guesses, not the paper's 
     without it a top-k router can collapse onto one expert and the per-layer expert counts lose their meaning;
   * [D] alpha 16, dropout 0.05, all seven projections q,k,v,o,gate,up,down (MoLA/AlphaLoRA training setup;
     dropout was not tuned on tiny-world);
-  * [D] lr: ``train.lr`` of the experiment (tiny-world: 1e-3), overridable with ``methods.hilo.lr``. Measured
-    on tiny-world (seed 0, the earlier base with general_base 99.1): lr 2e-3 learns a little more (final_avg
-    21.0, plasticity 55.2) but forgets more than twice as much general knowledge (general_delta -51.2) as 1e-3
-    (20.2, 48.0, -22.6).
+  * [D] lr 1e-3, chosen on the tiny-world validation sequence (best validation plasticity of {1e-3, 3e-3,
+    1e-2}; 3e-3 and 1e-2 lost most of the general knowledge and learned less).
 
-Published tiny-world results (3 seeds, mean +- std, points): final_avg 18.4 +- 0.7, general_delta -20.9 +- 5.8,
-378,880 trainable / 143,360 active parameters (lora 17.1 / -35.0 with 94,208; loramoe 20.4 / -18.3 with 270,336).
-Rank ablation at equal expert counts and equal active parameters (``scripts/ablate_hilo_ranks.sh``): ranks "2468"
-18.4 +- 0.7 / -20.9 +- 5.8 against a uniform rank 5, 20.4 +- 0.4 / -19.6 +- 2.0 (320,000 trainable) -- on this
-4-layer model the paper's "2468" schedule is not better; the difference is within about one standard deviation
-(on the earlier base the order was the other way round: 21.5 +- 0.6 / -23.1 against 20.0 +- 1.3 / -22.6).
+The published numbers are in the README and results/; the version-1 rank ablation ("2468" vs a uniform rank 5 at
+equal active parameters: within one standard deviation on the 4-layer model) is in results/ablations.
 
 On tiny-world (4 layers) the defaults give experts 2/4/6/8 and ranks 2/4/6/8 per layer; ``experts: alpha_hill``
 gives 12/3/3/2 there (layer 0 is the least heavy-tailed), the opposite of MoLA's layout.

@@ -35,7 +35,10 @@ class HiloConfig(MethodConfig):
         alpha_hill_window: cutoff window of the Hill fit: ``alphalora`` (code as written), ``peak``, ``none``.
         alpha_hill_fixup: integer fix-up: ``largest_remainder`` (monotone in the score) or ``alphalora``
             (the code as written, which is not).
+        lr: 1e-3, chosen on the tiny-world validation sequence (``scripts/tune_defaults.py``: the lr of the grid with the best validation plasticity; results/tuning/README.md), from {1e-3, 3e-3, 1e-2}.
     """
+
+    lr: float | None = field(default=1e-3, metadata={"help": "Learning rate (tiny-world validation choice)."})
 
     experts: Spec = field(default="2468", metadata={"help": "Experts per layer: '2468', 'uniform8', "
                                                              "'alpha_hill' or a per-layer list."})
