@@ -43,49 +43,7 @@ FORMAT_VERSION = 1
 _STAGE_PREFIX = "stage-"
 
 
-# -- what determines a run's numbers --------------------------------------------------------------------
-def result_inputs(config: dict[str, Any], method: str, method_config: dict[str, Any], sequence_id: str,
-                  seed: int, precision: str | None) -> dict[str, Any]:
-    """The settings a run's numbers depend on (not where it is written, nor which other runs share the sweep).
-
-    Used to refuse resuming, or skipping as done, a run whose settings changed since its checkpoint or record.
-    ``precision`` is the resolved policy (``train.precision: auto`` means different things on a CPU and a GPU),
-    so it replaces the configured value. The thread count is checked separately (see :func:`thread_mismatch`).
-    """
-    train, ev = config.get("train"), config.get("eval")
-    if isinstance(train, dict):
-        train = {k: v for k, v in train.items() if k != "precision"}
-    if isinstance(ev, dict):  # per-sample logging changes no number (and records before 1.4 lack the key)
-        ev = {k: v for k, v in ev.items() if k != "log_samples"}
-    return {"model": config.get("model"), "train": train, "eval": ev, "precision": precision,
-            "sequence_id": sequence_id, "method": method, "method_config": method_config, "seed": seed}
-
-
-def record_precision(rec: dict[str, Any]) -> str | None:
-    """The precision policy a run record was made with.
-
-    Records before schema 1.3 do not name it: on a CPU they were fp32 throughout; on a GPU the methods' dtypes
-    differed (the reason for the policy), so such a record matches no policy (None).
-    """
-    if "precision" in rec:
-        return rec["precision"]
-    return "fp32" if (rec.get("env") or {}).get("device") == "cpu" else None
-
-
-def first_difference(old: Any, new: Any, path: str = "") -> str | None:
-    """``"train.lr: 0.001 -> 0.5"`` for the first differing leaf of two nested dicts, or None when equal."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new), key=str):
-            d = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
-            if d:
-                return d
-        return None
-    # JSON round trips turn tuples into lists and may turn 1.0 into 1: compare as JSON
-    if json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True, default=str):
-        return f"{path or 'value'}: {old!r} -> {new!r}"
-    return None
-
-
+# -- what determines a run's numbers: benchmark.records.result_inputs -------------------------------------
 def thread_mismatch(saved_threads: int | None, configured: int | None) -> str | None:
     """A message when an explicit ``num_threads`` differs from the count a checkpoint was made with."""
     if saved_threads is not None and configured is not None and saved_threads != configured:

@@ -21,8 +21,15 @@ import yaml
 from benchmark.errors import UserError
 
 TINY_WORLD = "tiny-world"
+REFERENCES = ("joint",)  # upper-bound runs a plan can add (benchmark/reference.py)
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 SCHEDULERS = ("constant", "cosine", "linear")
+
+
+def check_reference(name: str | None) -> None:
+    """Validate a ``reference`` config value (None = no reference run)."""
+    if name is not None and name not in REFERENCES:
+        raise UserError(f"invalid reference: {name!r}; valid: {', '.join(REFERENCES)} (or leave it unset)")
 
 
 def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
@@ -143,7 +150,7 @@ class ExperimentConfig:
     sequence: str = TINY_WORLD
     output: str = "outputs"
     num_threads: int | None = None
-    reference: str | None = None  # "joint": also run the joint-training upper bound (benchmark/reference.py)
+    reference: str | None = None  # one of REFERENCES: also run that upper bound (benchmark/reference.py)
     general: str | None = None  # a named suite (tasks/suites) or a suite YAML file replacing the sequence's own
     shard: str | None = None  # "K/N": run only the K-th of N round-robin slices of the (method x seed) plan
     data_dir: str | None = None  # prepared datasets (python -m benchmark prepare); default $FORGETBENCH_DATA
@@ -169,8 +176,6 @@ class ExperimentConfig:
             check_precision(self.train.precision, self.model.dtype)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
-        from benchmark.reference import check_reference
-
         check_reference(self.reference)
         if self.shard is not None:
             from benchmark.shard import parse_shard

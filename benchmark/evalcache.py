@@ -48,6 +48,11 @@ def model_hash(model: torch.nn.Module) -> str:
     return tensor_hash(model.state_dict())
 
 
+def is_model_hash(value: Any) -> bool:
+    """Whether ``value`` looks like a :func:`model_hash` (64 lowercase hex digits), i.e. a trusted content key."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def code_hash(package: str) -> str:
     """Hash of the source files of every loaded module of ``package`` (e.g. ``methods``, or a plugin's)."""
     h = hashlib.sha256()

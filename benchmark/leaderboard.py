@@ -18,9 +18,9 @@ import pandas as pd
 
 from benchmark import metrics
 from benchmark.metrics import MetricValue
-from benchmark.records import (ROUTING_COLUMNS, ROUTING_FLOATS, ROUTING_INTS, SCHEMA_VERSION, SCORE_COLUMNS,
-                               SCORE_FLOATS, SCORE_INTS, atomic_write_text, display_name, general_floor, kind,
-                               load_records, method_variants, routing_rows, score_rows, task_floors, typed_frame)
+from benchmark.records import SCHEMA_VERSION, RunRecord, atomic_write_text, general_floor, load_records, task_floors
+from benchmark.tables import (ROUTING_COLUMNS, ROUTING_FLOATS, ROUTING_INTS, SCORE_COLUMNS, SCORE_FLOATS, SCORE_INTS,
+                              display_name, method_variants, routing_rows, score_rows, typed_frame)
 
 logger = logging.getLogger(__name__)
 METRIC_NAMES = list(metrics.METRICS)
@@ -48,12 +48,12 @@ LEADERBOARD_COLUMNS = (["schema_version"] + KEYS + ["n_seeds", "n_failed", "seed
 NO_REFERENCE = "no joint reference run for this model and sequence (run with --reference joint)"
 
 
-def reference_scores(records: list[dict[str, Any]]) -> dict[tuple, tuple[list[float], int]]:
+def reference_scores(records: list[RunRecord]) -> dict[tuple, tuple[list[float], int]]:
     """(model, sequence_id) -> (per-task mean of the successful reference runs' final row, number of runs)."""
     rows: dict[tuple, list[list[float]]] = {}
     for r in records:
-        if kind(r) == "reference" and r.get("status") == "success" and r.get("R"):
-            rows.setdefault((r.get("model"), r.get("sequence_id")), []).append(r["R"][-1])
+        if r.kind == "reference" and r.status == "success" and r.R:
+            rows.setdefault((r.model, r.sequence_id), []).append(r.R[-1])
     out = {}
     for key, finals in rows.items():
         cols = list(zip(*finals))
@@ -99,60 +99,58 @@ def _reference_metrics(R: list, G: list, floor: list) -> dict[str, MetricValue]:
     return out
 
 
-def run_metrics(rec: dict[str, Any], references: dict[tuple, tuple[list[float], int]] | None = None
+def run_metrics(rec: RunRecord, references: dict[tuple, tuple[list[float], int]] | None = None
                 ) -> dict[str, MetricValue]:
     """Every metric of :data:`metrics.METRICS` for one run record; undefined ones carry their reason."""
-    status = rec.get("status")
-    if status != "success" or not rec.get("R"):
-        why = f"run status is {status!r}" + (f": {rec.get('error')}" if rec.get("error") else "")
+    if rec.status != "success" or not rec.R:
+        why = f"run status is {rec.status!r}" + (f": {rec.error}" if rec.error else "")
         return {m: MetricValue(None, why) for m in METRIC_NAMES}
     floor = general_floor(rec)
-    G = rec.get("G") if rec.get("general_tasks") else [[] for _ in rec["R"]]
-    if kind(rec) == "reference":
-        return _reference_metrics(rec["R"], G, floor)
-    ref = (references or {}).get((rec.get("model"), rec.get("sequence_id")))
-    out = metrics.compute_all(rec["R"], G, floor, reference=ref[0] if ref else None, task_floors=task_floors(rec))
+    G = rec.G if rec.general_tasks else [[] for _ in rec.R]
+    if rec.kind == "reference":
+        return _reference_metrics(rec.R, G, floor)
+    ref = (references or {}).get((rec.model, rec.sequence_id))
+    out = metrics.compute_all(rec.R, G, floor, reference=ref[0] if ref else None, task_floors=task_floors(rec))
     if ref is None:
         out["intransigence"] = MetricValue(None, NO_REFERENCE)
     return out
 
 
-def run_row(rec: dict[str, Any], references: dict[tuple, tuple[list[float], int]] | None = None,
+def run_row(rec: RunRecord, references: dict[tuple, tuple[list[float], int]] | None = None,
             variant: str = "") -> dict[str, Any]:
     """One ``runs.csv`` row: identity, status, every metric with its reason, costs, evaluation facts, versions.
 
     ``variant``: what sets this run's method options apart from other runs of its method (see
-    :func:`benchmark.records.method_variants`).
+    :func:`benchmark.tables.method_variants`).
     """
-    row: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **{k: rec.get(k) for k in ID_COLUMNS[1:]}}
-    row.update(kind=kind(rec), variant=variant)
-    stages = [s for s in rec.get("stages") or [] if isinstance(s, dict)]
-    row.update(status=rec.get("status"), error=rec.get("error"), n_tasks=len(rec.get("tasks") or []),
-               n_general=len(rec.get("general_tasks") or []), n_stages_done=len(stages))
+    row: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "run_id": rec.run_id, "kind": rec.kind,
+                           "method": rec.method, "variant": variant, "model": rec.model, "sequence": rec.sequence,
+                           "sequence_id": rec.sequence_id, "seed": rec.seed}
+    stages = rec.stages
+    row.update(status=rec.status, error=rec.error, n_tasks=len(rec.tasks), n_general=len(rec.general_tasks),
+               n_stages_done=len(stages))
     for name, mv in run_metrics(rec, references).items():
         row[name], row[f"{name}_reason"] = mv.value, mv.reason
-    ref = (references or {}).get((rec.get("model"), rec.get("sequence_id")))
-    row["reference_runs"] = ref[1] if ref and kind(rec) == "method" else 0
-    costs = rec.get("costs") or {}
-    row.update({k: costs.get(k) for k in RUN_COST})
-    modules = rec.get("adapted_modules")  # absent in records before the budget columns: left empty
-    row.update(adapted_modules=",".join(modules) if modules else None, lr=rec.get("lr"))
-    ev, env = (rec.get("config") or {}).get("eval") or {}, rec.get("env") or {}
-    n_ex = rec.get("n_examples") or {}
-    row.update(train_steps=sum(s.get("steps") or 0 for s in stages) if stages else None,
+    ref = (references or {}).get((rec.model, rec.sequence_id))
+    row["reference_runs"] = ref[1] if ref and rec.kind == "method" else 0
+    row.update({k: getattr(rec.costs, k) if rec.costs else None for k in RUN_COST})
+    modules = rec.adapted_modules  # absent in records before the budget columns: left empty
+    row.update(adapted_modules=",".join(modules) if modules else None, lr=rec.lr)
+    ev, env = rec.config.get("eval") or {}, rec.env
+    n_ex = rec.n_examples or {}
+    row.update(train_steps=sum(s.steps or 0 for s in stages) if stages else None,
                n_examples=sum(n_ex.values()) if n_ex else None, eval_batch_size=ev.get("batch_size"),
                eval_limit=ev.get("limit"), num_threads=env.get("torch_threads"), device=env.get("device"))
     row.update({f"version_{p}": (env.get("versions") or {}).get(p) for p in VERSION_PKGS})
-    git = rec.get("git") or {}
-    row.update(python=env.get("python"), git_sha=git.get("sha"), git_dirty=git.get("dirty"),
-               method_config=json.dumps(rec.get("method_config") or {}, sort_keys=True))
+    row.update(python=env.get("python"), git_sha=rec.git.get("sha"), git_dirty=rec.git.get("dirty"),
+               method_config=json.dumps(rec.method_config or {}, sort_keys=True))
     return row
 
 
-def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+def runs_table(records: list[RunRecord]) -> pd.DataFrame:
     """``runs.csv``: one row per run (failed ones included), sorted by model, sequence, kind, method, seed."""
     refs, variants = reference_scores(records), method_variants(records)
-    df = typed_frame([run_row(r, refs, variants.get(r["run_id"], "")) for r in records], RUN_COLUMNS,
+    df = typed_frame([run_row(r, refs, variants.get(r.run_id, "")) for r in records], RUN_COLUMNS,
                      INT_RUN_COLUMNS, FLOAT_RUN_COLUMNS)
     df["variant"] = df["variant"].fillna("")
     return df.sort_values(["model", "sequence_id", "kind", "method", "variant", "seed"],
@@ -275,7 +273,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def build(records: list[dict[str, Any]]) -> pd.DataFrame:
+def build(records: list[RunRecord]) -> pd.DataFrame:
     """The leaderboard of a list of run records (see :func:`aggregate`)."""
     return aggregate(runs_table(records))
 

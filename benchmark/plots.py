@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from benchmark.records import atomic_write_bytes, display_name, kind, method_variants
+from benchmark.records import RunRecord, atomic_write_bytes
+from benchmark.tables import display_name, method_variants
 
 logger = logging.getLogger(__name__)
 Images = dict[str, list[tuple[str, Path]]]  # view -> [(caption, png path)]
@@ -105,13 +106,13 @@ def _heat(ax: Any, matrix: list[list[Any]], rows: list[str], cols: list[str], ti
     return im
 
 
-def heatmap_figure(rec: dict[str, Any]) -> Figure | None:
+def heatmap_figure(rec: RunRecord) -> Figure | None:
     """R (and G, when there are general benchmarks) of one run, cells annotated with the score."""
-    R, G = rec.get("R") or [], rec.get("G") or []
-    tasks, general = rec.get("tasks") or [], rec.get("general_tasks") or []
+    R, G = rec.R, rec.G
+    tasks, general = rec.tasks, rec.general_tasks
     if not R or not tasks:
         return None
-    stages = [s.get("task") for s in rec.get("stages") or [] if isinstance(s, dict)]
+    stages = [s.task for s in rec.stages]
     labels = ["0 base"] + [f"{t} {stages[t - 1] if t - 1 < len(stages) else tasks[t - 1]}" for t in range(1, len(R))]
     panels = [("R: downstream tasks", R, tasks)] + ([("G: general benchmarks", G, general)] if G and general else [])
     width = sum(1.2 + 0.75 * len(c) for _, _, c in panels) + 1.5
@@ -121,25 +122,25 @@ def heatmap_figure(rec: dict[str, Any]) -> Figure | None:
     for ax, (title, matrix, cols) in zip(axes, panels):
         im = _heat(ax, matrix, labels[:len(matrix)], cols, title)
     fig.colorbar(im, ax=list(axes), label="score (points, 0-100)", shrink=0.9)
-    status = "" if rec.get("status") == "success" else f" [{rec.get('status')}]"
-    fig.suptitle(f"{rec['run_id']}{status}", fontsize=10)
+    status = "" if rec.status == "success" else f" [{rec.status}]"
+    fig.suptitle(f"{rec.run_id}{status}", fontsize=10)
     return fig
 
 
-def general_figure(recs: list[dict[str, Any]], colors: dict[str, Any], title: str) -> Figure | None:
+def general_figure(recs: list[RunRecord], colors: dict[str, Any], title: str) -> Figure | None:
     """Mean general score after each stage per method: line = mean over seeds, band = ± std."""
-    runs = [r for r in recs if r.get("status") == "success" and r.get("general_tasks") and r.get("G")]
-    methods = [r for r in runs if kind(r) == "method"]
+    runs = [r for r in recs if r.status == "success" and r.general_tasks and r.G]
+    methods = [r for r in runs if r.kind == "method"]
     if not methods:
         return None
-    tasks = methods[0].get("tasks") or []
+    tasks = methods[0].tasks
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot()
     by_method: dict[str, list[list[float]]] = {}
     variants = method_variants(recs)
     for r in methods:
-        curve = [float(np.mean([_num(v) for v in row])) for row in r["G"]]
-        by_method.setdefault(display_name(r["method"], variants.get(r["run_id"])), []).append(curve)
+        curve = [float(np.mean([_num(v) for v in row])) for row in r.G]
+        by_method.setdefault(display_name(r.method, variants.get(r.run_id)), []).append(curve)
     for name in sorted(by_method):
         curves = [c for c in by_method[name] if len(c) == len(tasks) + 1]
         if not curves:
@@ -151,8 +152,8 @@ def general_figure(recs: list[dict[str, Any]], colors: dict[str, Any], title: st
         if len(curves) > 1:
             std = a.std(axis=0, ddof=1)
             ax.fill_between(x, mean - std, mean + std, color=colors.get(name), alpha=0.18, linewidth=0)
-    for name in sorted({r["method"] for r in runs if kind(r) == "reference"}):
-        finals = [float(np.mean([_num(v) for v in r["G"][-1]])) for r in runs if r["method"] == name]
+    for name in sorted({r.method for r in runs if r.kind == "reference"}):
+        finals = [float(np.mean([_num(v) for v in r.G[-1]])) for r in runs if r.method == name]
         ax.axhline(float(np.mean(finals)), color=REFERENCE_STYLE["color"], linestyle=":",
                    linewidth=1.2, label=f"{name}: after joint training (n={len(finals)})")
     ax.set_xticks(range(len(tasks) + 1), ["base"] + [f"{i}: {t}" for i, t in enumerate(tasks, 1)], rotation=15)
@@ -164,25 +165,25 @@ def general_figure(recs: list[dict[str, Any]], colors: dict[str, Any], title: st
     return fig
 
 
-def write_plots(out_dir: str | Path, records: list[dict[str, Any]], df: pd.DataFrame) -> Images:
+def write_plots(out_dir: str | Path, records: list[RunRecord], df: pd.DataFrame) -> Images:
     """Write every figure under ``out_dir/plots``; returns the written PNGs per view with a caption."""
     plots = Path(out_dir) / "plots"
     variants = method_variants(records)
-    colors = _colors([display_name(r.get("method"), variants.get(r.get("run_id"))) for r in records])
+    colors = _colors([display_name(r.method, variants.get(r.run_id)) for r in records])
     images: Images = {"tradeoff": [], "general": [], "heatmaps": []}
     for (model, seq), group in (df.groupby(["model", "sequence_id"], sort=False) if not df.empty else []):
         name = f"{slug(model)}--{slug(seq)}.png"
         fig = tradeoff_figure(group, colors, f"Downstream score vs. general forgetting\n{model} on {seq}")
         if fig is not None:
             images["tradeoff"].append((f"{model} on {seq}", _save(fig, plots / f"tradeoff--{name}")))
-        recs = [r for r in records if r.get("model") == model and r.get("sequence_id") == seq]
+        recs = [r for r in records if r.model == model and r.sequence_id == seq]
         fig = general_figure(recs, colors, f"General score along the sequence\n{model} on {seq}")
         if fig is not None:
             images["general"].append((f"{model} on {seq}", _save(fig, plots / f"general--{name}")))
-    for rec in sorted(records, key=lambda r: str(r.get("run_id"))):
+    for rec in sorted(records, key=lambda r: r.run_id):
         fig = heatmap_figure(rec)
         if fig is not None:
-            path = _save(fig, plots / "heatmaps" / f"{slug(rec['run_id'])}.png")
-            images["heatmaps"].append((str(rec["run_id"]), path))
+            path = _save(fig, plots / "heatmaps" / f"{slug(rec.run_id)}.png")
+            images["heatmaps"].append((rec.run_id, path))
     logger.info("wrote %d plots under %s", sum(len(v) for v in images.values()), plots)
     return images

@@ -1,7 +1,10 @@
-"""Run records (one JSON per run) and the tidy tables derived from them; every write is atomic.
+"""Run records: one typed :class:`RunRecord` per (method, seed) run, stored as one JSON file; every write atomic.
 
-The columns of every CSV are declared here (``*_COLUMNS``) and documented in ``results/README.md``; bump
-:data:`SCHEMA_VERSION` whenever a column or a record field changes meaning, is added or is removed.
+A record is built by the stage loop (:mod:`benchmark.stages`), written to ``DIR/runs/<run_id>.json`` and read back
+by the leaderboard; no other file reads it by string keys. :meth:`RunRecord.from_dict` reads every schema version
+written so far (missing fields take their defaults, unknown ones are kept in ``extra`` and written back), and
+:meth:`RunRecord.to_dict` writes the same JSON as before the type existed. Bump :data:`SCHEMA_VERSION` whenever a
+field changes meaning, is added or is removed (and the CSV columns of :mod:`benchmark.tables` with it).
 """
 
 from __future__ import annotations
@@ -13,10 +16,9 @@ import os
 import platform
 import subprocess
 import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import Any, ClassVar
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +26,7 @@ SCHEMA_VERSION = "1.5"  # 1.1: ``variant`` column in runs.csv and leaderboard.cs
 # 1.3: ``precision`` (the resolved train.precision policy); 1.4: per-sample files ``samples/`` named by
 # ``base_samples`` and ``stages[].samples``; 1.5: measured floors ``general_floor`` (replaces ``general_chance``)
 # and ``task_floors`` in run records, metric ``plasticity_floor_margin``
-SCORE_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence", "sequence_id", "seed", "status",
-                 "stage", "stage_task", "task", "task_group", "metric", "value", "n_examples", "eval_batch_size"]
-ROUTING_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence_id", "seed", "stage",
-                   "diagnostic", "value"]
-SCORE_INTS, SCORE_FLOATS = ["seed", "stage", "n_examples", "eval_batch_size"], ["value"]
-ROUTING_INTS, ROUTING_FLOATS = ["seed", "stage"], ["value"]
-KINDS = ("method", "reference")  # a record without "kind" is a method run
+KINDS = ("method", "reference")  # ``kind`` is written only for a reference run: absent = method
 _UMASK = os.umask(0o022)  # read the process umask once (os.umask can only be read by setting it)
 os.umask(_UMASK)
 
@@ -100,79 +96,241 @@ def environment() -> dict[str, Any]:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
-def typed_frame(rows: list[dict[str, Any]] | pd.DataFrame, columns: list[str], ints: list[str] = (),
-                floats: list[str] = ()) -> pd.DataFrame:
-    """A table with exactly ``columns``, integer columns as nullable ints and float columns as floats.
+# -- the typed record -------------------------------------------------------------------------------------
+OMIT = {"omit": True}  # field metadata: left out of the JSON while it holds its default (as older records did)
 
-    Fixing the types makes a cell's text independent of the other rows (``55`` is written ``55.0`` in a float
-    column whatever else is merged in, and an integer column with a gap does not turn into ``10.0``).
+
+def _from_mapping(cls: type, data: dict[str, Any], nested: dict[str, Any]) -> Any:
+    """``cls(**known fields)`` with the unknown keys in ``extra``; ``nested`` maps a field to its reader."""
+    names = {f.name for f in fields(cls)} - {"extra"}
+    known = {k: (nested[k](v) if k in nested else v) for k, v in data.items() if k in names}
+    return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+
+
+def _to_mapping(obj: Any) -> dict[str, Any]:
+    """The JSON object of a record dataclass: fields in order, ``OMIT`` fields only when set, then ``extra``."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        if f.name == "extra":
+            continue
+        value = getattr(obj, f.name)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if f.metadata.get("omit") and value == default:
+            continue
+        if isinstance(value, list):
+            value = [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
+        out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
+    return {**out, **obj.extra}
+
+
+@dataclass
+class StageRow:
+    """One trained stage of a run: what it trained on, its cost, its loss, and the trained model's content key."""
+
+    # defaults only so that a partial or hand-made record still reads (the stage loop sets every one)
+    stage: int | None = None
+    task: str | None = None  # the task trained on (``joint`` for the pooled stage of a joint reference)
+    steps: int | None = None
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    final_loss: float | None = None
+    tokens: int | None = None
+    model_key: str | None = field(default=None, metadata=OMIT)  # content hash of the model after this stage
+    rank_model_keys: list[str] | None = field(default=None, metadata=OMIT)  # one per process: equal iff in sync
+    samples: str | None = field(default=None, metadata=OMIT)  # per-sample file (eval.log_samples), relative
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageRow:
+        return _from_mapping(cls, data, {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_mapping(self)
+
+
+@dataclass
+class Costs:
+    """What a run spent: parameter counts (:meth:`methods.base.Method.param_counts`), seconds and peak memory."""
+
+    trainable_params: int | None = field(default=None, metadata=OMIT)
+    active_params: int | None = field(default=None, metadata=OMIT)
+    train_seconds: float | None = field(default=None, metadata=OMIT)
+    eval_seconds: float | None = field(default=None, metadata=OMIT)
+    wall_seconds: float | None = field(default=None, metadata=OMIT)
+    peak_memory_mb: float | None = field(default=None, metadata=OMIT)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Costs:
+        return _from_mapping(cls, data, {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_mapping(self)
+
+
+def _stage_rows(value: Any) -> list[StageRow]:
+    return [StageRow.from_dict(s) for s in value or [] if isinstance(s, dict)]
+
+
+def _costs(value: Any) -> Costs | None:
+    return Costs.from_dict(value) if isinstance(value, dict) else None
+
+
+@dataclass
+class RunRecord:
+    """Everything one run measured, and what its numbers depend on (``DIR/runs/<run_id>.json``).
+
+    ``R[t][i]`` is downstream task i after stage t and ``G[t][j]`` general benchmark j (row 0: the base model);
+    see docs/metrics.md. ``status`` is ``running`` while the stages go on (the copy inside a checkpoint), then
+    ``success`` or ``failed`` (with ``error``, ``traceback`` and the ``failed_stage``, 0 = before stage 1).
     """
-    df = pd.DataFrame(rows, columns=columns) if not isinstance(rows, pd.DataFrame) else rows[columns].copy()
-    for c in ints:
-        df[c] = pd.to_numeric(df[c], errors="coerce").round().astype("Int64")
-    for c in floats:
-        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
-    return df
+
+    run_id: str
+    schema_version: str = SCHEMA_VERSION
+    method: str | None = None
+    model: str | None = None
+    model_source: Any = None
+    sequence: str | None = None
+    sequence_id: str | None = None
+    seed: int | None = None
+    status: str = "running"
+    error: str | None = None
+    failed_stage: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    method_config: dict[str, Any] = field(default_factory=dict)
+    precision: str | None = field(default=None, metadata=OMIT)  # records before 1.3 lack it
+    tasks: list[str] = field(default_factory=list)
+    general_tasks: list[str] = field(default_factory=list)
+    general_floor: list[float | None] | None = field(default=None, metadata=OMIT)  # 1.5; older: general_chance
+    task_floors: list[float | None] | None = field(default=None, metadata=OMIT)  # 1.5
+    metric_names: dict[str, str] = field(default_factory=dict)
+    git: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+    resumed_from: list[int] = field(default_factory=list)
+    R: list[list[float | None]] = field(default_factory=list)
+    G: list[list[float | None]] = field(default_factory=list)
+    stages: list[StageRow] = field(default_factory=list)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    base_model_hash: str | None = field(default=None, metadata=OMIT)
+    n_examples: dict[str, int] | None = field(default=None, metadata=OMIT)
+    base_samples: str | None = field(default=None, metadata=OMIT)  # per-sample file of the stage-0 evaluation
+    costs: Costs | None = field(default=None, metadata=OMIT)
+    lr: float | None = field(default=None, metadata=OMIT)  # the effective learning rate (train.lr_scale applied)
+    adapted_modules: list[str] | None = field(default=None, metadata=OMIT)
+    kind: str = field(default="method", metadata=OMIT)  # one of KINDS
+    traceback: str | None = field(default=None, metadata=OMIT)
+    extra: dict[str, Any] = field(default_factory=dict)  # fields of other versions, written back unchanged
+
+    NESTED: ClassVar[dict[str, Any]] = {"stages": _stage_rows, "costs": _costs}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        """Read a record of any schema version; raises ``ValueError`` on something that is not a run record."""
+        if not isinstance(data, dict) or not isinstance(data.get("run_id"), str) or not data["run_id"]:
+            raise ValueError("not a run record (no run_id)")
+        return _from_mapping(cls, data, cls.NESTED)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_mapping(self)
 
 
-def kind(rec: dict[str, Any]) -> str:
-    """``method`` (a continual run) or ``reference`` (e.g. the joint-training upper bound)."""
-    return rec.get("kind") or "method"
+# -- what a run's numbers depend on -----------------------------------------------------------------------
+def result_inputs(config: dict[str, Any], method: str, method_config: dict[str, Any], sequence_id: str,
+                  seed: int, precision: str | None) -> dict[str, Any]:
+    """The settings a run's numbers depend on (not where it is written, nor which other runs share the sweep).
 
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, separators=(",", ":")) if not isinstance(value, str) else value
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def method_variants(records: list[dict[str, Any]]) -> dict[str, str]:
-    """run id -> what sets its method configuration apart from other runs of that method (``""`` if nothing).
-
-    Runs of one method, model and sequence made with different method options (an ablation, or folders merged
-    from machines with other settings) must never be averaged together: the variant names the option values that
-    differ within the group (``ranks=uniform5``), and the leaderboard keeps one row per variant.
+    Used to refuse resuming, or skipping as done, a run whose settings changed since its checkpoint or record.
+    ``precision`` is the resolved policy (``train.precision: auto`` means different things on a CPU and a GPU),
+    so it replaces the configured value. The thread count is checked separately (``checkpoint.thread_mismatch``).
     """
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((kind(r), r.get("method"), r.get("model"), r.get("sequence_id")), []).append(r)
-    out: dict[str, str] = {}
-    for recs in groups.values():
-        cfgs = [r.get("method_config") if isinstance(r.get("method_config"), dict) else {} for r in recs]
-        keys = sorted({k for c in cfgs for k in c})
-        differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in cfgs}) > 1]
-        for r, c in zip(recs, cfgs):
-            out[r["run_id"]] = ",".join(f"{k}={_short(c.get(k))}" for k in differ)
-    return out
+    train, ev = config.get("train"), config.get("eval")
+    if isinstance(train, dict):
+        train = {k: v for k, v in train.items() if k != "precision"}
+    if isinstance(ev, dict):  # per-sample logging changes no number (and records before 1.4 lack the key)
+        ev = {k: v for k, v in ev.items() if k != "log_samples"}
+    return {"model": config.get("model"), "train": train, "eval": ev, "precision": precision,
+            "sequence_id": sequence_id, "method": method, "method_config": method_config, "seed": seed}
 
 
-def display_name(method: Any, variant: Any) -> str:
-    """``method`` or ``method [variant]`` for tables and plot legends."""
-    return f"{method} [{variant}]" if isinstance(variant, str) and variant else str(method)
+def record_precision(rec: RunRecord) -> str | None:
+    """The precision policy a run record was made with.
+
+    Records before schema 1.3 do not name it: on a CPU they were fp32 throughout; on a GPU the methods' dtypes
+    differed (the reason for the policy), so such a record matches no policy (None).
+    """
+    if rec.precision is not None:
+        return rec.precision
+    return "fp32" if rec.env.get("device") == "cpu" else None
 
 
-def load_records(dirs: list[str | Path]) -> list[dict[str, Any]]:
+def record_inputs(rec: RunRecord) -> dict[str, Any]:
+    """:func:`result_inputs` of a finished record."""
+    return result_inputs(rec.config, rec.method, rec.method_config, rec.sequence_id, rec.seed, record_precision(rec))
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """``"train.lr: 0.001 -> 0.5"`` for the first differing leaf of two nested dicts, or None when equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            d = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            if d:
+                return d
+        return None
+    # JSON round trips turn tuples into lists and may turn 1.0 into 1: compare as JSON
+    if json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True, default=str):
+        return f"{path or 'value'}: {old!r} -> {new!r}"
+    return None
+
+
+def read_record(path: str | Path) -> RunRecord | None:
+    """The run record in ``path``; None when the file is missing, unreadable or not a run record."""
+    try:
+        return RunRecord.from_dict(read_json(path))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def finished_result(path: str | Path, inputs: dict[str, Any]) -> tuple[RunRecord | None, str | None]:
+    """(the successful record in ``path`` or None, how its inputs differ from ``inputs`` or None if the same).
+
+    The one check of "is this run already done with the same settings": the runner skips such a run, and
+    validation refuses a finished run made with other settings unless ``--force``.
+    """
+    rec = read_record(path)
+    if rec is None or rec.status != "success" or not rec.config:
+        return None, None
+    return rec, first_difference(record_inputs(rec), inputs)
+
+
+def write_record(path: str | Path, rec: RunRecord) -> None:
+    write_json(path, rec.to_dict())
+
+
+def load_records(dirs: list[str | Path]) -> list[RunRecord]:
     """All run records under ``DIR/runs/*.json`` of each directory, de-duplicated by run id (first wins).
 
     A run id seen twice with different content (e.g. the same run repeated on two machines) keeps the first
     directory's record and logs a warning, so merging never silently averages a run in twice.
     """
-    seen: dict[str, dict[str, Any]] = {}
+    seen: dict[str, RunRecord] = {}
     source: dict[str, str] = {}
     for d in dirs:
         for p in sorted(Path(d, "runs").glob("*.json")):
             try:
-                rec = read_json(p)
+                data = read_json(p)
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 logger.warning("skipping unreadable run record %s", p)
                 continue  # a foreign or damaged file never breaks a leaderboard
-            rid = rec.get("run_id") if isinstance(rec, dict) else None
-            if not rid:
+            try:
+                rec = RunRecord.from_dict(data)
+            except ValueError:
                 logger.warning("skipping %s: not a run record (no run_id)", p)
-            elif rid not in seen:
-                seen[rid], source[rid] = rec, str(d)
-            elif seen[rid] != rec:
+                continue
+            if rec.run_id not in seen:
+                seen[rec.run_id], source[rec.run_id] = rec, str(d)
+            elif seen[rec.run_id] != rec:
                 logger.warning("run %s appears twice with different content; keeping the one from %s, not %s",
-                               rid, source[rid], d)
+                               rec.run_id, source[rec.run_id], d)
     return list(seen.values())
 
 
@@ -180,81 +338,20 @@ def _number_or_none(value: Any) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def general_floor(rec: dict[str, Any]) -> list[float]:
+def general_floor(rec: RunRecord) -> list[float]:
     """Floor f_j (points) of each general benchmark of a run record, for the normalised general metrics.
 
     ``general_floor`` (schema 1.5), else ``general_chance`` (the declared chance of older records), else zeros.
     An unknown floor (None: an lm-eval built-in task) counts as 0, as the 0.0 older records stored for them did.
     """
-    values = rec.get("general_floor")
-    if values is None:
-        values = rec.get("general_chance")
+    values = rec.general_floor if rec.general_floor is not None else rec.extra.get("general_chance")
     if not values:
-        return [0.0] * len(rec.get("general_tasks") or [])
+        return [0.0] * len(rec.general_tasks)
     return [0.0 if (v := _number_or_none(x)) is None else v for x in values]
 
 
-def task_floors(rec: dict[str, Any]) -> list[float | None]:
+def task_floors(rec: RunRecord) -> list[float | None]:
     """Floor f_i (points) of each downstream task of a run record; None where unknown (records before 1.5)."""
-    values = rec.get("task_floors")
-    if values is None:
-        return [None] * len(rec.get("tasks") or [])
-    return [_number_or_none(x) for x in values]
-
-
-def _stage_names(rec: dict[str, Any]) -> list[str]:
-    """``base`` then what each stage trained on (the task, or ``joint`` for a joint reference)."""
-    names = {s.get("stage"): s.get("task") for s in rec.get("stages", []) if isinstance(s, dict)}
-    tasks = rec.get("tasks", [])
-    n = max(len(rec.get("R") or []), len(rec.get("G") or []))
-    return ["base"] + [names.get(t) or (tasks[t - 1] if t - 1 < len(tasks) else str(t)) for t in range(1, n)]
-
-
-def _identity(rec: dict[str, Any]) -> dict[str, Any]:
-    return {"schema_version": SCHEMA_VERSION, "run_id": rec["run_id"], "kind": kind(rec), "method": rec.get("method"),
-            "model": rec.get("model"), "sequence": rec.get("sequence"), "sequence_id": rec.get("sequence_id"),
-            "seed": rec.get("seed")}
-
-
-def score_rows(rec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Tidy rows (one per stage x task) of one run record: every measured cell of R and G."""
-    rows = []
-    tasks, general = rec.get("tasks", []), rec.get("general_tasks", [])
-    order = _stage_names(rec)
-    n_ex = rec.get("n_examples") or {}
-    ident = _identity(rec)
-    batch = (rec.get("config") or {}).get("eval", {}).get("batch_size")
-    for group, names, matrix in (("downstream", tasks, rec.get("R") or []), ("general", general, rec.get("G") or [])):
-        for stage, row in enumerate(matrix):
-            for name, value in zip(names, row):
-                rows.append({**ident, "status": rec.get("status"), "stage": stage, "stage_task": order[stage],
-                             "task": name, "task_group": group,
-                             "metric": rec.get("metric_names", {}).get(name, "score"), "value": value,
-                             "n_examples": n_ex.get(name), "eval_batch_size": batch})
-    return rows
-
-
-def flatten(value: Any, prefix: str) -> list[tuple[str, float]]:
-    """Numeric leaves of a diagnostics value: ``a.b`` for mappings, ``a[i]`` for lists; other leaves dropped."""
-    if isinstance(value, bool):
-        return [(prefix, float(value))]
-    if isinstance(value, (int, float)):
-        return [] if math.isnan(value) else [(prefix, float(value))]
-    if isinstance(value, dict):
-        return [kv for k, v in value.items() for kv in flatten(v, f"{prefix}.{k}" if prefix else str(k))]
-    if isinstance(value, (list, tuple)):
-        return [kv for i, v in enumerate(value) for kv in flatten(v, f"{prefix}[{i}]")]
-    return []  # None (not measured), strings: not a number to tabulate
-
-
-def routing_rows(rec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Tidy rows (one per stage x numeric diagnostic) of ``rec["diagnostics"]``; none for methods without any."""
-    ident = {k: v for k, v in _identity(rec).items() if k in ROUTING_COLUMNS}
-    rows = []
-    for entry in rec.get("diagnostics") or []:
-        if not isinstance(entry, dict):
-            continue
-        stage = entry.get("stage")
-        for name, value in flatten({k: v for k, v in entry.items() if k != "stage"}, ""):
-            rows.append({**ident, "stage": stage, "diagnostic": name, "value": value})
-    return rows
+    if rec.task_floors is None:
+        return [None] * len(rec.tasks)
+    return [_number_or_none(x) for x in rec.task_floors]

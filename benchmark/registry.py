@@ -7,11 +7,12 @@ lazily on first use, each inside its own try/except so one broken plugin cannot 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Generic, TypeVar
@@ -60,6 +61,15 @@ class Registry(Generic[T]):
     def unregister(self, name: str) -> None:
         """Remove ``name`` if registered (e.g. a task or sequence a test registered for itself)."""
         self._entries.pop(name, None)
+
+    @contextlib.contextmanager
+    def registered(self, name: str, obj: T) -> Iterator[T]:
+        """Register ``obj`` under ``name`` for the duration of a ``with`` block (a test's own plugin)."""
+        self.register(name, obj)
+        try:
+            yield obj
+        finally:
+            self.unregister(name)
 
     # -- discovery ------------------------------------------------------------------------------
     def _load_builtins(self) -> None:

@@ -1,7 +1,7 @@
 """Check everything about a run before any work starts: one :class:`UserError` naming the field and the value.
 
 Called by ``run`` (and its ``--dry-run``) before anything is written, so a typo costs seconds, not an hour.
-Checks, in order: names and method options (:func:`benchmark.runner.make_plan`), the output directory, the model
+Checks, in order: names and method options (:func:`benchmark.plan.make_plan`), the output directory, the model
 (a local path must exist and hold ``config.json``; its module names are read from a model built on the ``meta``
 device, so no weight is loaded), each method against those module names (:meth:`Method.validate`), every
 record of every task split (non-empty, templates render, a target exists and is one of the choices), and the
@@ -18,9 +18,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from benchmark import checkpoint
+from benchmark.builtin_models import BUILTIN_MODELS
 from benchmark.config import TINY_WORLD, ExperimentConfig, ModelConfig
 from benchmark.errors import UserError
-from benchmark.runner import Plan, make_plan, run_id
+from benchmark.paths import checkpoint_dir, record_path
+from benchmark.plan import Plan, make_plan, run_inputs
+from benchmark.records import finished_result, first_difference
+from benchmark.reference import all_runs
 
 logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -63,9 +68,7 @@ def _meta_module_names(config: Any, trust_remote_code: bool) -> set[str]:
 
 def model_module_names(mcfg: ModelConfig) -> set[str]:
     """Dotted module names of the base model, from its config alone (built on ``meta``: no weights, no memory)."""
-    from transformers import AutoConfig, LlamaConfig
-
-    from benchmark.builtin_models import BUILTIN_MODELS
+    from transformers import AutoConfig, LlamaConfig  # deferred: transformers takes seconds to import
 
     if mcfg.name in BUILTIN_MODELS:  # its architecture is pinned with it: checked without fetching anything
         return _meta_module_names(LlamaConfig(**BUILTIN_MODELS[mcfg.name].llama_config), False)
@@ -181,36 +184,23 @@ def _check_choice(where: str, target: str, options: Any) -> None:
 # -- what is already in the results directory -----------------------------------------------------------
 def check_existing(plan: Plan, force: bool) -> None:
     """A finished run or a checkpoint in the output directory must match this run's settings (or ``force``)."""
-    from benchmark import checkpoint
-    from benchmark.paths import checkpoint_dir, record_path
-    from benchmark.records import read_json
-    from benchmark.stages import run_inputs
-
     if force:
         return
     out = plan.cfg.output
-    for method_name, seed in plan.runs():
-        rid = run_id(plan, method_name, seed)
-        new = run_inputs(plan, method_name, seed)
-        rp = record_path(out, rid)
-        try:
-            rec = read_json(rp) if rp.is_file() else None
-        except (OSError, UnicodeDecodeError, ValueError):
-            rec = None  # unreadable: the run is simply redone
-        if isinstance(rec, dict) and rec.get("status") == "success" and isinstance(rec.get("config"), dict):
-            old = checkpoint.result_inputs(rec["config"], rec.get("method"), rec.get("method_config"),
-                                           rec.get("sequence_id"), rec.get("seed"), checkpoint.record_precision(rec))
-            diff = checkpoint.first_difference(old, new)
-            if diff:
-                raise UserError(f"{str(rp)!r} holds finished run {rid} made with other settings ({diff}); "
-                                f"use --force to redo it, or another --output")
-        meta = checkpoint.latest_meta(checkpoint_dir(out, rid))
+    for run in all_runs(plan):
+        new = run_inputs(plan, run)
+        rp = record_path(out, run.run_id)
+        done, diff = finished_result(rp, new)  # unreadable: the run is simply redone
+        if done is not None and diff:
+            raise UserError(f"{str(rp)!r} holds finished run {run.run_id} made with other settings ({diff}); "
+                            f"use --force to redo it, or another --output")
+        meta = checkpoint.latest_meta(checkpoint_dir(out, run.run_id))
         if meta is not None:
-            diff = checkpoint.first_difference(meta.get("inputs"), new)
+            diff = first_difference(meta.get("inputs"), new)
             if diff:
-                raise UserError(f"the checkpoint of run {rid} was made with other settings ({diff}); use --force "
-                                f"to start it over, or another --output")
+                raise UserError(f"the checkpoint of run {run.run_id} was made with other settings ({diff}); use "
+                                f"--force to start it over, or another --output")
             problem = checkpoint.thread_mismatch(meta.get("torch_threads"), plan.cfg.num_threads)
             if problem:
-                raise UserError(f"run {rid}: {problem}; use --set num_threads={meta['torch_threads']}, "
+                raise UserError(f"run {run.run_id}: {problem}; use --set num_threads={meta['torch_threads']}, "
                                 f"or --force to start over")

@@ -31,7 +31,8 @@ def load_suite(dtype: Any, device: Any) -> tuple[Any, Any, list[Any]]:
     """(model, tokenizer, general task specs) of the default tiny-world plan."""
     from benchmark.config import make_config
     from benchmark.models import load_base
-    from benchmark.runner import base_model_path, make_plan
+    from benchmark.plan import make_plan
+    from benchmark.runner import base_model_path
 
     plan = make_plan(make_config({"methods": ["lora"]}))
     model, tok = load_base(plan.cfg.model, base_model_path(plan, quiet=True))

@@ -39,7 +39,8 @@ def ensure_base_model(sets: list[str], model: str | None = None) -> None:
     """Build (or fetch) the base model now if it is not cached, so that stays out of the measurement."""
     offline_env()
     from benchmark.config import make_config
-    from benchmark.runner import base_model_path, make_plan
+    from benchmark.plan import make_plan
+    from benchmark.runner import base_model_path
 
     base = {"methods": ["lora"], **({"model": {"name": model}} if model else {})}
     plan = make_plan(make_config(base, [s for s in sets if s.startswith("model.")]))

@@ -34,19 +34,20 @@ def results(tmp_path_factory):
     from benchmark import checkpoint
     from benchmark.config import make_config
     from benchmark.paths import checkpoint_dir
-    from benchmark.records import write_json
-    from benchmark.runner import make_plan, run_id
-    from benchmark.stages import new_record, run_inputs
+    from benchmark.plan import make_plan, method_runs, run_inputs
+    from benchmark.records import write_record
+    from benchmark.stages import new_record
 
     out = tmp_path_factory.mktemp("results")
     plan = make_plan(make_config({"output": str(out), "methods": ["full_ft", "lora"]}, TINY_RUN))
-    rec = new_record(plan, run_id(plan, "lora", 0), "lora", 0, plan.methods["lora"][1])
-    rec.update(status="success", failed_stage=None, R=[[0.0] * 3] * 4, G=[[25.0] * 4] * 4)
-    write_json(out / "runs" / f"{rec['run_id']}.json", rec)
+    full_ft, lora = (r for r in method_runs(plan) if r.seed == 0)
+    rec = new_record(plan, lora)
+    rec.status, rec.failed_stage, rec.R, rec.G = "success", None, [[0.0] * 3] * 4, [[25.0] * 4] * 4
+    write_record(out / "runs" / f"{rec.run_id}.json", rec)
     (out / "leaderboard.md").write_text("| method |\n|---|\n| lora |\n")
     # and an unfinished full_ft run, checkpointed after stage 1 with one torch thread
-    ck = checkpoint.save_stage(checkpoint_dir(out, run_id(plan, "full_ft", 0)), 1, {"w": torch.zeros(2)}, None,
-                               {"inputs": run_inputs(plan, "full_ft", 0), "record": {}})
+    ck = checkpoint.save_stage(checkpoint_dir(out, full_ft.run_id), 1, {"w": torch.zeros(2)}, None,
+                               {"inputs": run_inputs(plan, full_ft), "record": {}})
     state = json.loads((ck / "state.json").read_text())
     (ck / "state.json").write_text(json.dumps({**state, "torch_threads": 1}))
     return out
@@ -97,8 +98,8 @@ def files(tmp_path_factory):
         SEQUENCES.register(seq, SequenceSpec(name=seq, tasks=down, general=GeneralSuite(tasks=gen)), origin="test")
     yield d
     for name in specs:
-        TASKS._entries.pop(name, None)
-        SEQUENCES._entries.pop(name.replace("_", "-"), None)
+        TASKS.unregister(name)
+        SEQUENCES.unregister(name.replace("_", "-"))
 
 
 # (case id, extra argv, text the one-line error must contain); ``{d}`` is the folder of bad inputs
@@ -208,7 +209,7 @@ def test_names_cannot_escape_the_output_directory(tmp_path):
 def test_run_id_of_a_path_like_model_name_is_one_file_name(tmp_path):
     from benchmark.config import make_config
     from benchmark.paths import record_path
-    from benchmark.runner import make_plan, run_id
+    from benchmark.plan import make_plan, run_id
 
     model = tmp_path / "weird" / ".." / "my model"
     model.mkdir(parents=True)

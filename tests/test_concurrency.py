@@ -27,7 +27,8 @@ RUNS = {m: f"{m}--tiny-world--tiny-world--seed0" for m in ("full_ft", "lora")}
 def base_model(cache_dir):
     """Build the tiny base model once here, so the two processes don't both pretrain it."""
     from benchmark.config import make_config
-    from benchmark.runner import base_model_path, make_plan
+    from benchmark.plan import make_plan
+    from benchmark.runner import base_model_path
 
     base_model_path(make_plan(make_config({}, TINY_RUN)), quiet=True)
     return cache_dir

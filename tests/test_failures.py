@@ -44,7 +44,7 @@ class OomAtStage2(Method):
 def oom_method():
     METHODS.register("oom_test", OomAtStage2, origin="test")
     yield "oom_test"
-    METHODS._entries.pop("oom_test", None)
+    METHODS.unregister("oom_test")
 
 
 def _record(out, method):
@@ -123,7 +123,7 @@ def test_crash_before_the_first_stage_is_isolated(tmp_path, cache_dir, caplog):
         out = tmp_path / "out"
         rc = main(["run", "--methods", "frozen_test", "--output", str(out), *SETS])
     finally:
-        METHODS._entries.pop("frozen_test", None)
+        METHODS.unregister("frozen_test")
     assert rc == 1
     rec = _record(out, "frozen_test")
     assert rec["status"] == "failed" and rec["error"] == "RuntimeError: the method left no trainable parameter"

@@ -173,15 +173,18 @@ def test_unknown_yaml_key_is_a_user_error_too(tmp_path):
 
 # -- run records ---------------------------------------------------------------------------------------------
 def test_record_readers_fall_back_to_general_chance():
+    def rec(**fields):
+        return records.RunRecord.from_dict({"run_id": "r", **fields})
+
     new = {"general_tasks": ["a", "lm_eval:b"], "general_floor": [25.2, None], "tasks": ["x", "y"],
            "task_floors": [3.0, 50.0]}
-    assert records.general_floor(new) == [25.2, 0.0]  # unknown (built-in task) counts as 0
-    assert records.task_floors(new) == [3.0, 50.0]
+    assert records.general_floor(rec(**new)) == [25.2, 0.0]  # unknown (built-in task) counts as 0
+    assert records.task_floors(rec(**new)) == [3.0, 50.0]
     old = {"general_tasks": ["a", "b"], "general_chance": [25.0, 50.0], "tasks": ["x"]}  # schema <= 1.4
-    assert records.general_floor(old) == [25.0, 50.0]
-    assert records.task_floors(old) == [None]
-    assert records.general_floor({"general_tasks": ["a", "b"], "tasks": []}) == [0.0, 0.0]
-    assert records.general_floor({"general_tasks": [], "general_chance": []}) == []
+    assert records.general_floor(rec(**old)) == [25.0, 50.0]
+    assert records.task_floors(rec(**old)) == [None]
+    assert records.general_floor(rec(general_tasks=["a", "b"], tasks=[])) == [0.0, 0.0]
+    assert records.general_floor(rec(general_tasks=[], general_chance=[])) == []
 
 
 def test_old_published_record_still_scores():
@@ -192,19 +195,20 @@ def test_old_published_record_still_scores():
     if rec is None:
         pytest.skip("no published record of schema 1.4 or older")
     assert "general_floor" not in rec
-    out = metrics.compute_all(rec["R"], rec["G"], records.general_floor(rec), task_floors=records.task_floors(rec))
+    typed = records.RunRecord.from_dict(rec)
+    out = metrics.compute_all(typed.R, typed.G, records.general_floor(typed), task_floors=records.task_floors(typed))
     assert out["general_delta_norm"].value is not None
     assert out["plasticity_floor_margin"].value is None and "floor" in out["plasticity_floor_margin"].reason
 
 
 def test_new_record_stores_the_floors():
     from benchmark.config import make_config
+    from benchmark.plan import make_plan, method_runs
     from benchmark.records import SCHEMA_VERSION
-    from benchmark.runner import make_plan, run_id
     from benchmark.stages import new_record
 
     plan = make_plan(make_config({"methods": ["lora"]}))
-    rec = new_record(plan, run_id(plan, "lora", 0), "lora", 0, plan.methods["lora"][1])
+    rec = new_record(plan, method_runs(plan)[0]).to_dict()
     assert SCHEMA_VERSION == "1.5" and rec["schema_version"] == "1.5" and "general_chance" not in rec
     assert rec["general_floor"] == [task_floor(g) for g in plan.general] + [None] * len(plan.general_builtin)
     assert rec["task_floors"] == [task_floor(t) for t in plan.tasks]

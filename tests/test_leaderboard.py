@@ -17,7 +17,8 @@ import pytest
 
 from benchmark import leaderboard as lb
 from benchmark.cli import main
-from benchmark.records import ROUTING_COLUMNS, SCHEMA_VERSION, SCORE_COLUMNS, routing_rows, write_json
+from benchmark.records import SCHEMA_VERSION, RunRecord, write_json
+from benchmark.tables import ROUTING_COLUMNS, SCORE_COLUMNS, routing_rows
 from tests.conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,12 +265,12 @@ def test_partly_undefined_metric_states_how_many_seeds(tmp_path):
 # -- routing diagnostics ------------------------------------------------------------------------------------
 def test_routing_csv_flattens_numeric_diagnostics(tmp_path):
     recs = synthetic_records()
-    rows = routing_rows(recs[0])
+    rows = routing_rows(RunRecord.from_dict(recs[0]))
     got = {(r["stage"], r["diagnostic"]): r["value"] for r in rows}
     assert got[(2, "expert_load[1]")] == 0.75 and got[(2, "routing_entropy")] == 0.56
     assert got[(0, "layers.l0.load[0]")] == 0.5 and got[(3, "layers.l0.tokens")] == 12.0
     assert not any("note" in k or "identity_share" in k for _, k in got)  # text and None are left out
-    assert len(rows) == 4 * 6 and routing_rows(recs[2]) == []  # a method without diagnostics: no rows
+    assert len(rows) == 4 * 6 and routing_rows(RunRecord.from_dict(recs[2])) == []  # a method without diagnostics: no rows
     d = write_records(tmp_path / "d", recs)
     lb.write_all(d, plots=False)
     routing = csv(d / "routing.csv")

@@ -8,32 +8,30 @@ its floor for at least one method. A table that has not been published yet is sk
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 import pytest
 
 from benchmark import metrics
-from benchmark.records import kind, task_floors
+from benchmark.records import RunRecord, load_records, task_floors
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 TABLES = ("tiny-world", "smollm2-135m")
 METHODS = ("full_ft", "lora", "lora_mlp", "loramoe", "slim", "hilo")
 
 
-def _records(table: str) -> list[dict]:
-    runs = RESULTS / table / "runs"
-    if not runs.is_dir():
+def _records(table: str) -> list[RunRecord]:
+    if not (RESULTS / table / "runs").is_dir():
         pytest.skip(f"results/{table} is not published yet")
-    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(runs.glob("*.json"))]
+    return load_records([RESULTS / table])
 
 
-def _by_method(recs: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
+def _by_method(recs: list[RunRecord]) -> dict[str, list[RunRecord]]:
+    out: dict[str, list[RunRecord]] = {}
     for r in recs:
-        if r.get("status") == "success" and r.get("sequence") == "tiny-world":
-            out.setdefault(r["method"] if kind(r) == "method" else "reference", []).append(r)
+        if r.status == "success" and r.sequence == "tiny-world":
+            out.setdefault(r.method if r.kind == "method" else "reference", []).append(r)
     return out
 
 
@@ -45,7 +43,7 @@ def test_the_tiny_world_table_is_published():
 def test_three_seeds_of_every_method_and_the_reference(table):
     groups = _by_method(_records(table))
     for m in METHODS + ("reference",):
-        assert len({r["seed"] for r in groups.get(m, [])}) >= 3, (table, m)
+        assert len({r.seed for r in groups.get(m, [])}) >= 3, (table, m)
 
 
 @pytest.mark.parametrize("table", TABLES)
@@ -54,7 +52,7 @@ def test_sequence_metrics_are_defined_and_not_constant(table):
     for name in ("bwt", "forgetting", "fwt"):
         means = []
         for m in METHODS:
-            vals = [metrics.METRICS[name][0](r["R"]).value for r in groups[m]]
+            vals = [metrics.METRICS[name][0](r.R).value for r in groups[m]]
             assert all(v is not None for v in vals), (table, name, m)
             means.append(statistics.mean(vals))
         assert max(means) - min(means) > 0.5, (table, name, means)  # not constant across methods
@@ -66,8 +64,8 @@ def test_every_method_learns_every_task_above_its_floor(table):
     for m in METHODS:
         floors = task_floors(groups[m][0])
         for i, floor in enumerate(floors):
-            diag = statistics.mean(r["R"][i + 1][i] for r in groups[m])
-            assert floor is not None and diag > floor, (table, m, groups[m][0]["tasks"][i], diag, floor)
+            diag = statistics.mean(r.R[i + 1][i] for r in groups[m])
+            assert floor is not None and diag > floor, (table, m, groups[m][0].tasks[i], diag, floor)
 
 
 @pytest.mark.parametrize("table", TABLES)
@@ -78,5 +76,5 @@ def test_an_earlier_task_survives_the_sequence(table):
     for m in METHODS:
         floors = task_floors(groups[m][0])
         for i, floor in enumerate(floors[:-1]):
-            best.append(statistics.mean(r["R"][-1][i] for r in groups[m]) - floor)
+            best.append(statistics.mean(r.R[-1][i] for r in groups[m]) - floor)
     assert max(best) > 5.0, best

@@ -53,7 +53,7 @@ def env(tmp_path_factory):
     from tasks import SEQUENCES
 
     for name in [n for n in SEQUENCES.names() if n.endswith("-head2")]:  # registered by the tests below
-        SEQUENCES._entries.pop(name, None)
+        SEQUENCES.unregister(name)
 
 
 def _real_task_names() -> list[str]:

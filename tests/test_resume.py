@@ -22,6 +22,7 @@ import torch
 
 from benchmark import checkpoint
 from benchmark.evalcache import EvalCache, eval_key, model_hash
+from benchmark.records import first_difference
 from tests.conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +70,8 @@ def _numbers(out: Path, run_id: str) -> dict:
 def base_model(cache_dir):
     """Build the tiny base model once here, so the concurrent subprocesses below don't both pretrain it."""
     from benchmark.config import make_config
-    from benchmark.runner import base_model_path, make_plan
+    from benchmark.plan import make_plan
+    from benchmark.runner import base_model_path
 
     base_model_path(make_plan(make_config({}, SETTINGS)), quiet=True)
     return cache_dir
@@ -187,8 +189,8 @@ def test_stage_checkpoints_keep_latest_and_skip_damaged(tmp_path, caplog):
 
 def test_first_difference_names_the_changed_setting():
     old = {"train": {"lr": 0.001, "batch_size": 8}, "seed": 0}
-    assert checkpoint.first_difference(old, json.loads(json.dumps(old))) is None
-    assert checkpoint.first_difference(old, {"train": {"lr": 0.5, "batch_size": 8}, "seed": 0}) == \
+    assert first_difference(old, json.loads(json.dumps(old))) is None
+    assert first_difference(old, {"train": {"lr": 0.5, "batch_size": 8}, "seed": 0}) == \
         "train.lr: 0.001 -> 0.5"
     assert "num_threads=2" in checkpoint.thread_mismatch(1, 2) and checkpoint.thread_mismatch(1, None) is None
 

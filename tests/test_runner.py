@@ -50,7 +50,7 @@ def test_run_writes_records_scores_and_leaderboard(tmp_path, cache_dir):
 def test_ablation_shares_a_folder_with_the_default_run(tmp_path, cache_dir):
     """Other method options -> a run id of its own (no 'other settings' refusal) and a leaderboard row of its own."""
     from benchmark.config import make_config
-    from benchmark.runner import make_plan, run_id
+    from benchmark.plan import make_plan, run_id
 
     out = tmp_path / "out"
     assert _run(out, methods="lora") == 0

@@ -137,7 +137,7 @@ def test_cache_hit_without_samples_is_evaluated_again(none_run, local_run, tmp_p
     """Entries made with samples off get their file on the next run with samples on; the scores stay the same."""
     out = Path(shutil.copytree(none_run, tmp_path / "out"))
     before = _records(out)["lora--tiny-world--tiny-world--seed0"]
-    with caplog.at_level(logging.INFO, logger="benchmark.runner"):
+    with caplog.at_level(logging.INFO, logger="benchmark.scoring"):
         assert _run(out, "--force", methods="lora") == 0
     assert caplog.text.count("has no samples file; evaluating again") == 4  # base + three stages
     rec = _records(out)["lora--tiny-world--tiny-world--seed0"]
@@ -149,7 +149,7 @@ def test_cache_hit_without_samples_is_evaluated_again(none_run, local_run, tmp_p
 
 def test_log_samples_is_not_a_result_input():
     """Finished runs and checkpoints stay valid when only eval.log_samples changes (or is absent: schema < 1.4)."""
-    from benchmark.checkpoint import result_inputs
+    from benchmark.records import result_inputs
     from benchmark.config import make_config
 
     def inputs(cfg: dict) -> dict:
@@ -166,7 +166,8 @@ def test_generation_rows_reproduce_a_nonzero_exact_match(tmp_path, cache_dir):
     from benchmark.config import make_config
     from benchmark.evaluate import evaluate
     from benchmark.models import load_base
-    from benchmark.runner import base_model_path, make_plan
+    from benchmark.plan import make_plan
+    from benchmark.runner import base_model_path
     from tasks import TASKS
 
     plan = make_plan(make_config({"output": str(tmp_path / "out")}, TINY_RUN))

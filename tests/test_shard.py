@@ -51,7 +51,7 @@ def test_shards_together_give_the_unsharded_rows(tmp_path, cache_dir):
         assert _sweep(tmp_path / "s1", "1/2") == 0
         assert _sweep(tmp_path / "s2", "2/2") == 0
     finally:
-        SEQUENCES._entries.pop("tw-shard-test", None)
+        SEQUENCES.unregister("tw-shard-test")
     assert [p.name.split("--")[0] for p in (tmp_path / "s1" / "runs").glob("*.json")] == ["full_ft"]
     assert [p.name.split("--")[0] for p in (tmp_path / "s2" / "runs").glob("*.json")] == ["lora"]
     assert main(["-q", "leaderboard", "--results", str(tmp_path / "s1"), str(tmp_path / "s2"),

@@ -1,0 +1,124 @@
+"""Tidy tables of run records: one row per measured score (``scores.csv``) and per diagnostic (``routing.csv``).
+
+The columns of these CSVs are declared here (``*_COLUMNS``) and documented in ``results/README.md``; bump
+:data:`benchmark.records.SCHEMA_VERSION` whenever a column changes meaning, is added or is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pandas as pd
+
+from benchmark.records import SCHEMA_VERSION, RunRecord
+
+SCORE_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence", "sequence_id", "seed", "status",
+                 "stage", "stage_task", "task", "task_group", "metric", "value", "n_examples", "eval_batch_size"]
+ROUTING_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence_id", "seed", "stage",
+                   "diagnostic", "value"]
+SCORE_INTS, SCORE_FLOATS = ["seed", "stage", "n_examples", "eval_batch_size"], ["value"]
+ROUTING_INTS, ROUTING_FLOATS = ["seed", "stage"], ["value"]
+
+
+def typed_frame(rows: list[dict[str, Any]] | pd.DataFrame, columns: list[str], ints: list[str] = (),
+                floats: list[str] = ()) -> pd.DataFrame:
+    """A table with exactly ``columns``, integer columns as nullable ints and float columns as floats.
+
+    Fixing the types makes a cell's text independent of the other rows (``55`` is written ``55.0`` in a float
+    column whatever else is merged in, and an integer column with a gap does not turn into ``10.0``).
+    """
+    df = pd.DataFrame(rows, columns=columns) if not isinstance(rows, pd.DataFrame) else rows[columns].copy()
+    for c in ints:
+        df[c] = pd.to_numeric(df[c], errors="coerce").round().astype("Int64")
+    for c in floats:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    return df
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":")) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def method_variants(records: list[RunRecord]) -> dict[str, str]:
+    """run id -> what sets its method configuration apart from other runs of that method (``""`` if nothing).
+
+    Runs of one method, model and sequence made with different method options (an ablation, or folders merged
+    from machines with other settings) must never be averaged together: the variant names the option values that
+    differ within the group (``ranks=uniform5``), and the leaderboard keeps one row per variant.
+    """
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.kind, r.method, r.model, r.sequence_id), []).append(r)
+    out: dict[str, str] = {}
+    for recs in groups.values():
+        cfgs = [r.method_config if isinstance(r.method_config, dict) else {} for r in recs]
+        keys = sorted({k for c in cfgs for k in c})
+        differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in cfgs}) > 1]
+        for r, c in zip(recs, cfgs):
+            out[r.run_id] = ",".join(f"{k}={_short(c.get(k))}" for k in differ)
+    return out
+
+
+def display_name(method: Any, variant: Any) -> str:
+    """``method`` or ``method [variant]`` for tables and plot legends."""
+    return f"{method} [{variant}]" if isinstance(variant, str) and variant else str(method)
+
+
+def _stage_names(rec: RunRecord) -> list[str]:
+    """``base`` then what each stage trained on (the task, or ``joint`` for a joint reference)."""
+    names = {s.stage: s.task for s in rec.stages}
+    tasks = rec.tasks
+    n = max(len(rec.R), len(rec.G))
+    return ["base"] + [names.get(t) or (tasks[t - 1] if t - 1 < len(tasks) else str(t)) for t in range(1, n)]
+
+
+def _identity(rec: RunRecord) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "run_id": rec.run_id, "kind": rec.kind, "method": rec.method,
+            "model": rec.model, "sequence": rec.sequence, "sequence_id": rec.sequence_id, "seed": rec.seed}
+
+
+def score_rows(rec: RunRecord) -> list[dict[str, Any]]:
+    """Tidy rows (one per stage x task) of one run record: every measured cell of R and G."""
+    rows = []
+    tasks, general = rec.tasks, rec.general_tasks
+    order = _stage_names(rec)
+    n_ex = rec.n_examples or {}
+    ident = _identity(rec)
+    batch = (rec.config.get("eval") or {}).get("batch_size")
+    for group, names, matrix in (("downstream", tasks, rec.R), ("general", general, rec.G)):
+        for stage, row in enumerate(matrix):
+            for name, value in zip(names, row):
+                rows.append({**ident, "status": rec.status, "stage": stage, "stage_task": order[stage],
+                             "task": name, "task_group": group,
+                             "metric": rec.metric_names.get(name, "score"), "value": value,
+                             "n_examples": n_ex.get(name), "eval_batch_size": batch})
+    return rows
+
+
+def flatten(value: Any, prefix: str) -> list[tuple[str, float]]:
+    """Numeric leaves of a diagnostics value: ``a.b`` for mappings, ``a[i]`` for lists; other leaves dropped."""
+    if isinstance(value, bool):
+        return [(prefix, float(value))]
+    if isinstance(value, (int, float)):
+        return [] if math.isnan(value) else [(prefix, float(value))]
+    if isinstance(value, dict):
+        return [kv for k, v in value.items() for kv in flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [kv for i, v in enumerate(value) for kv in flatten(v, f"{prefix}[{i}]")]
+    return []  # None (not measured), strings: not a number to tabulate
+
+
+def routing_rows(rec: RunRecord) -> list[dict[str, Any]]:
+    """Tidy rows (one per stage x numeric diagnostic) of ``rec.diagnostics``; none for methods without any."""
+    ident = {k: v for k, v in _identity(rec).items() if k in ROUTING_COLUMNS}
+    rows = []
+    for entry in rec.diagnostics:
+        if not isinstance(entry, dict):
+            continue
+        stage = entry.get("stage")
+        for name, value in flatten({k: v for k, v in entry.items() if k != "stage"}, ""):
+            rows.append({**ident, "stage": stage, "diagnostic": name, "value": value})
+    return rows
