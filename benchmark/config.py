@@ -19,6 +19,9 @@ from typing import Any
 import yaml
 
 from benchmark.errors import UserError
+from benchmark.precision import PRECISIONS, check_precision
+from benchmark.samples import check_log_samples
+from benchmark.shard import parse_shard
 
 TINY_WORLD = "tiny-world"
 REFERENCES = ("joint",)  # upper-bound runs a plan can add (benchmark/reference.py)
@@ -104,8 +107,6 @@ class TrainConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        from benchmark.precision import PRECISIONS
-
         if self.precision not in PRECISIONS:
             raise UserError(f"invalid train.precision: {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         for k in ("lr", "lr_scale", "batch_size", "grad_accum", "max_seq_len", "steps_scale"):
@@ -133,8 +134,6 @@ class EvalConfig:
     log_samples: str = "local"
 
     def __post_init__(self) -> None:
-        from benchmark.samples import check_log_samples
-
         _positive("eval.batch_size", self.batch_size)
         if self.limit is not None:
             _positive("eval.limit", self.limit)
@@ -170,16 +169,12 @@ class ExperimentConfig:
                 raise UserError(f"invalid seed: {s!r} (must be a non-negative integer)")
         if self.num_threads is not None:
             _positive("num_threads", self.num_threads)
-        from benchmark.precision import check_precision
-
         try:
             check_precision(self.train.precision, self.model.dtype)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
         check_reference(self.reference)
         if self.shard is not None:
-            from benchmark.shard import parse_shard
-
             parse_shard(self.shard)
 
     def to_dict(self) -> dict[str, Any]:

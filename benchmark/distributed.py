@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from benchmark.errors import UserError
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 TIMEOUT = timedelta(hours=24)
@@ -45,7 +47,6 @@ def make_accelerator() -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
-    from benchmark.errors import UserError
 
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=TIMEOUT),
@@ -78,7 +79,6 @@ def on_main(fn: Callable[[], T]) -> T:
     state = _state()
     if state.num_processes == 1:
         return fn()
-    from benchmark.errors import UserError
 
     box: list[Any] = [None]
     error: BaseException | None = None

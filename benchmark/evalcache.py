@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+import benchmark.evaluate
+import tasks.base
 from benchmark.records import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -75,9 +77,6 @@ def stage_model_key(base_hash: str, method_cls: type, method_config: dict[str, A
 @lru_cache(maxsize=1)
 def harness_versions() -> dict[str, Any]:
     """Library versions and the evaluation code's hash (a changed scorer or template renderer invalidates)."""
-    import benchmark.evaluate
-    import tasks.base
-
     versions: dict[str, Any] = {}
     for pkg in ("lm_eval", "torch", "transformers", "peft", "datasets", "forgetbench"):
         try:

@@ -348,10 +348,10 @@ def write_all(out_dir: str | Path, result_dirs: list[str | Path] | None = None, 
     atomic_write_text(out_dir / "leaderboard.md", to_markdown(df))
     images: dict[str, list[Path]] = {}
     if plots and records:
-        from benchmark import plots as plotting
+        from benchmark import plots as plotting  # deferred: matplotlib takes a second to import
 
         images = plotting.write_plots(out_dir, records, df)
-    from benchmark import report
+    from benchmark import report  # deferred with the plots it embeds
 
     report.write_report(out_dir, df, tables["runs.csv"], images)
     return df

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmark.errors import UserError
 from benchmark.paths import under
 from benchmark.records import atomic_write_bytes
 
@@ -38,7 +39,6 @@ ALL_SUFFIX = ".all.jsonl.gz"  # also holds the samples of lm-eval's built-in tas
 
 def check_log_samples(value: Any) -> None:
     """Validate an ``eval.log_samples`` value."""
-    from benchmark.errors import UserError
 
     if value not in LOG_SAMPLES:
         raise UserError(f"invalid eval.log_samples: {value!r}; valid: {', '.join(LOG_SAMPLES)}")

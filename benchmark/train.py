@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from benchmark.config import TrainConfig
 from benchmark.data import Example, batches
+from benchmark.distributed import wrap_for_training
 from benchmark.precision import apply_policy, autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,6 @@ def train_stage(
     ``method`` may be ``None`` (plain language modelling, e.g. pretraining); ``should_stop(step)`` is asked every
     ``check_every`` steps and ends the stage early when it says so.
     """
-    from benchmark.distributed import wrap_for_training
-
     method = method if method is not None else _NoHooks()
     world = accelerator.num_processes if data_parallel else 1
     rank = accelerator.process_index if world > 1 else 0
