@@ -179,47 +179,12 @@ def _same_over_seeds(values: Sequence[Any], what: str, key: tuple) -> Any:
     return vals[0] if len(vals) == 1 else None
 
 
-# -- the trade-off front with seed noise ----------------------------------------------------------------------
-Point = tuple[float | None, float | None]
+# -- the trade-off front with seed noise (benchmark.metrics.noisy_pareto_front) ------------------------------
+Point = metrics.Point
 
 
 def _defined(x: Any) -> bool:
     return _none(x) is not None
-
-
-def _margin(a: Any, b: Any) -> float | None:
-    """The noise of one axis for a pair: the larger std that is defined; None when neither row has one."""
-    stds = [float(x) for x in (a, b) if _defined(x)]
-    return max(stds) if stds else None
-
-
-def dominates(b: Point, a: Point, b_std: Point = (None, None), a_std: Point = (None, None)) -> bool:
-    """True when ``b`` beats ``a`` beyond seed noise on the trade-off (both coordinates higher-is-better).
-
-    On an axis with a noise margin m (:func:`_margin`), b must be higher by more than m; on an axis without one
-    (both rows n < 2), b must be >= a; and b must be higher on at least one axis -- with no margin at all this
-    is the plain Pareto rule (>= on both, > on one), so single-seed rows compare as before.
-    """
-    if not all(_defined(x) for x in (*a, *b)):
-        return False
-    diffs = [float(b[i]) - float(a[i]) for i in range(2)]
-    margins = [_margin(b_std[i], a_std[i]) for i in range(2)]
-    return (all(d > m if m is not None else d >= 0 for d, m in zip(diffs, margins))
-            and any(d > 0 for d in diffs))
-
-
-def noisy_pareto_front(points: Sequence[Point], stds: Sequence[Point]) -> tuple[list[bool], list[tuple[int, int]]]:
-    """Which points no other point :func:`dominates`, and the pairs (i, k) "within noise": i is >= k on both
-    means and > on one (it would dominate k without noise) but not by more than the noise on both axes.
-
-    A point with an undefined coordinate is never on the front and dominates nothing.
-    """
-    n = len(points)
-    front = [all(_defined(x) for x in points[i]) and not any(
-        dominates(points[k], points[i], stds[k], stds[i]) for k in range(n) if k != i) for i in range(n)]
-    within = [(i, k) for i in range(n) for k in range(n)
-              if i != k and dominates(points[i], points[k]) and not dominates(points[i], points[k], stds[i], stds[k])]
-    return front, within
 
 
 def _front_inputs(sub: pd.DataFrame) -> tuple[list[Point], list[Point]]:
@@ -231,7 +196,7 @@ def within_noise(sub: pd.DataFrame) -> list[tuple[str, str]]:
     """The display names of the "within noise" pairs (better on both means first) among ``sub``'s method rows."""
     methods = sub[sub["kind"] == "method"]
     labels = [display_name(m, v) for m, v in zip(methods["method"], methods["variant"])]
-    return [(labels[i], labels[k]) for i, k in noisy_pareto_front(*_front_inputs(methods))[1]]
+    return [(labels[i], labels[k]) for i, k in metrics.noisy_pareto_front(*_front_inputs(methods))[1]]
 
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
@@ -266,7 +231,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     df["pareto"] = False  # reference rows (upper bounds) never compete for the front
     for _, idx in df[df["kind"] == "method"].groupby(["model", "sequence_id"], dropna=False).groups.items():
         sub = df.loc[idx]
-        df.loc[idx, "pareto"] = noisy_pareto_front(*_front_inputs(sub))[0]
+        df.loc[idx, "pareto"] = metrics.noisy_pareto_front(*_front_inputs(sub))[0]
     df["pareto"] = df["pareto"].astype(bool)
     df = df.sort_values(["model", "sequence_id", "kind", "final_avg", "method", "variant"],
                         ascending=[True, True, True, False, True, True], na_position="last", kind="stable")

@@ -323,17 +323,49 @@ def aggregate(values: Sequence[float | None]) -> dict[str, Any]:
     }
 
 
-def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[bool]:
-    """True where no other point is >= in both coordinates and > in one (both higher-is-better).
+Point = tuple[float | None, float | None]
 
-    Points with a None/NaN coordinate are never on the front and dominate nothing; identical points do not
-    dominate each other, so ties are all on the front.
+
+def _known(x: Any) -> bool:
+    """A number that is not None or NaN (table cells may also hold pandas' missing value)."""
+    try:
+        return x is not None and not math.isnan(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def _margin(a: Any, b: Any) -> float | None:
+    """The noise of one axis for a pair: the larger std that is defined; None when neither row has one."""
+    stds = [float(x) for x in (a, b) if _known(x)]
+    return max(stds) if stds else None
+
+
+def dominates(b: Point, a: Point, b_std: Point = (None, None), a_std: Point = (None, None)) -> bool:
+    """True when ``b`` beats ``a`` beyond seed noise on the trade-off (both coordinates higher-is-better).
+
+    On an axis with a noise margin m (:func:`_margin`), b must be higher by more than m; on an axis without one
+    (both rows n < 2), b must be >= a; and b must be higher on at least one axis -- with no margin at all this
+    is the plain Pareto rule (>= on both, > on one), so single-seed rows compare as before.
     """
-    ok = [_defined(p[0]) and _defined(p[1]) for p in points]
-    front = []
-    for i, p in enumerate(points):
-        front.append(ok[i] and not any(
-            ok[k] and q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1])
-            for k, q in enumerate(points)
-        ))
-    return front
+    if not all(_known(x) for x in (*a, *b)):
+        return False
+    diffs = [float(b[i]) - float(a[i]) for i in range(2)]
+    margins = [_margin(b_std[i], a_std[i]) for i in range(2)]
+    return (all(d > m if m is not None else d >= 0 for d, m in zip(diffs, margins))
+            and any(d > 0 for d in diffs))
+
+
+def noisy_pareto_front(points: Sequence[Point], stds: Sequence[Point]) -> tuple[list[bool], list[tuple[int, int]]]:
+    """Which points no other point :func:`dominates`, and the pairs (i, k) "within noise": i is >= k on both
+    means and > on one (it would dominate k without noise) but not by more than the noise on both axes.
+
+    A point with an undefined coordinate is never on the front and dominates nothing.
+    """
+    n = len(points)
+    front = [all(_known(x) for x in points[i]) and not any(
+        dominates(points[k], points[i], stds[k], stds[i]) for k in range(n) if k != i) for i in range(n)]
+    within = [(i, k) for i in range(n) for k in range(n)
+              if i != k and dominates(points[i], points[k]) and not dominates(points[i], points[k], stds[i], stds[k])]
+    return front, within
+
+

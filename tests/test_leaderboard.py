@@ -171,21 +171,20 @@ def test_front_within_one_std_is_shared_and_listed(tmp_path):
 
 
 def test_front_single_seed_rows_use_the_strict_rule():
-    # (c) no std on either axis (n < 2): the plain Pareto rule, identical to metrics.pareto_front
+    # (c) no std on either axis (n < 2): the plain Pareto rule (>= on both, > on one; ties all on the front)
     pts = [(70.0, -5.0), (60.0, -2.0), (65.0, -6.0), (70.0, -5.0), (None, 0.0), (80.0, None), (55.0, -2.0),
            (math.nan, 10.0), (70.0, -5.5)]
-    front, within = lb.noisy_pareto_front(pts, [(None, None)] * len(pts))
-    assert front == lb.metrics.pareto_front(pts)
+    front, within = lb.metrics.noisy_pareto_front(pts, [(None, None)] * len(pts))
     assert front == [True, True, False, True, False, False, False, False, False] and within == []
     # one row with a std: its noise is the margin of the pair (the larger defined std per axis)
     pts2, stds2 = [(71.0, 1.0), (70.0, 0.0)], [(1.5, 1.5), (None, None)]
-    assert lb.noisy_pareto_front(pts2, stds2) == ([True, True], [(0, 1)])
-    assert lb.noisy_pareto_front(pts2, [(0.5, 0.5), (None, None)]) == ([True, False], [])
+    assert lb.metrics.noisy_pareto_front(pts2, stds2) == ([True, True], [(0, 1)])
+    assert lb.metrics.noisy_pareto_front(pts2, [(0.5, 0.5), (None, None)]) == ([True, False], [])
     # an axis without a margin only needs >=; the other must clear its margin
-    assert lb.dominates((72.0, 0.0), (70.0, 0.0), (1.0, None), (None, None))
-    assert not lb.dominates((70.5, 0.0), (70.0, 0.0), (1.0, None), (None, None))
-    assert not lb.dominates((70.0, 0.0), (70.0, 0.0))  # identical points never dominate each other
-    assert lb.noisy_pareto_front([], []) == ([], [])
+    assert lb.metrics.dominates((72.0, 0.0), (70.0, 0.0), (1.0, None), (None, None))
+    assert not lb.metrics.dominates((70.5, 0.0), (70.0, 0.0), (1.0, None), (None, None))
+    assert not lb.metrics.dominates((70.0, 0.0), (70.0, 0.0))  # identical points never dominate each other
+    assert lb.metrics.noisy_pareto_front([], []) == ([], [])
 
 
 # -- budget columns: adapted modules and learning rate ------------------------------------------------------

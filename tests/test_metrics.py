@@ -303,6 +303,7 @@ def test_pareto_front():
         (55.0, -2.0),  # dominated by (60, -2): equal in one, worse in the other
         (math.nan, 10.0),  # NaN counts as undefined
     ]
-    assert m.pareto_front(pts) == [True, True, False, True, False, False, False, False]
-    assert m.pareto_front([]) == []
-    assert m.pareto_front([(1.0, 1.0)]) == [True]
+    no_noise = [(None, None)] * len(pts)
+    assert m.noisy_pareto_front(pts, no_noise)[0] == [True, True, False, True, False, False, False, False]
+    assert m.noisy_pareto_front([], []) == ([], [])
+    assert m.noisy_pareto_front([(1.0, 1.0)], [(None, None)]) == ([True], [])
