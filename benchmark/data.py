@@ -15,8 +15,6 @@ import torch
 from benchmark import tokens
 from tasks.base import TaskSpec
 
-KIND_TO_TYPE = {"knowledge": 1, "skill": 0}  # LoRAMoE task types: 1 = world knowledge
-
 
 def render(template: str, record: dict[str, Any]) -> str:
     """Render a Jinja template exactly as lm-eval does (compiled once per template)."""
@@ -29,7 +27,6 @@ def render(template: str, record: dict[str, Any]) -> str:
 class Example:
     input_ids: list[int]
     labels: list[int]
-    task_type: int
 
 
 def choice_list(spec: TaskSpec, record: dict[str, Any]) -> list[str]:
@@ -61,12 +58,11 @@ def encode_example(spec: TaskSpec, record: dict[str, Any], tokenizer: Any, max_l
     and the answer the assistant turn, as lm-eval's ``apply_chat_template`` builds them).
     """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    task_type = KIND_TO_TYPE[spec.kind]
     if spec.train_format == "full":
         text = record.get("text") or (render(spec.prompt, record) + spec.target_delimiter
                                       + render(spec.target, record))
         ids = (tokens.encode_string(tokenizer, text) + eos)[:max_len]
-        return Example(ids, list(ids), task_type)
+        return Example(ids, list(ids))
     prompt, answer = render(spec.prompt, record), answer_text(spec, record)
     end = eos
     if chat:
@@ -84,16 +80,16 @@ def encode_example(spec: TaskSpec, record: dict[str, Any], tokenizer: Any, max_l
     ans = ans + end
     ids = (ctx + ans)[-max_len:]  # keep the answer when truncating
     labels = ([-100] * len(ctx) + ans)[-max_len:]
-    return Example(ids, labels, task_type)
+    return Example(ids, labels)
 
 
-def encode_texts(texts: list[str], tokenizer: Any, max_len: int, task_type: int = 1) -> list[Example]:
+def encode_texts(texts: list[str], tokenizer: Any, max_len: int) -> list[Example]:
     """Plain language-modelling examples (pretraining corpus), each encoded as lm-eval encodes a string."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
     for t in texts:
         ids = (tokens.encode_string(tokenizer, t) + eos)[:max_len]
-        out.append(Example(ids, list(ids), task_type))
+        out.append(Example(ids, list(ids)))
     return out
 
 
@@ -114,8 +110,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in examples], dtype=torch.long)
     mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in examples],
                         dtype=torch.long)
-    task_types = torch.tensor([e.task_type for e in examples], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_types": task_types}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def batches(examples: list[Example], batch_size: int, steps: int, generator: torch.Generator,

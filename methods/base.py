@@ -90,8 +90,9 @@ class Method(ABC):
 
     @contextlib.contextmanager
     def forward_context(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[None]:
-        """Context around each training forward pass; batch side information (``task_types``,
-        ``attention_mask``) reaches layers through it without changing ``transformers``' signatures."""
+        """Context around each training forward pass; side information (the ``attention_mask``, task types a
+        method derives from its :class:`TaskInfo`) reaches layers through it without changing ``transformers``'
+        signatures."""
         yield
 
     def aux_loss(self, model: nn.Module) -> torch.Tensor | None:

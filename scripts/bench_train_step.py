@@ -83,8 +83,7 @@ def make_batch(shape: dict[str, Any], device: Any) -> dict[str, Any]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=g)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "labels": ids.clone().to(device),
-            "task_types": torch.randint(0, 2, (shape["batch"],), generator=g).to(device)}
+            "labels": ids.clone().to(device)}
 
 
 def adapted_linears(model: Any, targets: list[str]) -> list[Any]:

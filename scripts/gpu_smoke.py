@@ -50,9 +50,9 @@ def smoke(method_name: str, shape: dict, steps: int, batch: int, seq_len: int, p
     model = method.wrap(model)
     rng = random.Random(0)
     examples = []
-    for i in range(batch * 2):
+    for _ in range(batch * 2):
         ids = [rng.randrange(shape["vocab_size"]) for _ in range(seq_len)]
-        examples.append(Example(ids, [-100] * (seq_len // 2) + ids[seq_len // 2:], task_type=i % 2))
+        examples.append(Example(ids, [-100] * (seq_len // 2) + ids[seq_len // 2:]))
     info = TaskInfo(name="random", kind="skill", stage=1, num_stages=1)
     method.on_task_start(model, info)
     if torch.cuda.is_available():

@@ -1,8 +1,9 @@
 """Method-level tests of the ``loramoe`` plugin on a tiny random Llama (fast, no network).
 
 The balancing-loss formula itself is checked on hand-made tensors in tests/test_moe_layer.py; here the expected
-values are recomputed independently from each module's captured input, so the tests fail if task types do not
-reach every layer, if the router saw dropout, if a module is missed or the sum over modules is wrong.
+values are recomputed independently from each module's captured input, so the tests fail if the stage's task type
+(from ``on_task_start``) does not reach every layer, if the router saw dropout, if a module is missed or the sum
+over modules is wrong.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from benchmark.config import build_dataclass
 from benchmark.errors import UserError
 from methods import METHODS, TaskInfo
-from methods.loramoe import LoRAMoE, LoRAMoEConfig
+from methods.loramoe import KIND_TO_TYPE, LoRAMoE, LoRAMoEConfig
 from methods.moe_lora import MoELoRALinear, moe_layers
 
 HIDDEN, FFN, LAYERS, VOCAB = 32, 64, 2, 100
@@ -31,13 +32,13 @@ def base_model(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def batch(task_types=(1, 0, 1), t: int = 6) -> dict[str, torch.Tensor]:
+def batch(rows: int = 3, t: int = 6) -> dict[str, torch.Tensor]:
+    """A batch as benchmark.data.collate makes it: no task types (LoRAMoE takes them from on_task_start)."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (len(task_types), t), generator=g)
+    ids = torch.randint(0, VOCAB, (rows, t), generator=g)
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0  # right padding, as benchmark.data.collate makes it
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100),
-            "task_types": torch.tensor(task_types)}
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 @torch.no_grad()
@@ -54,8 +55,12 @@ def wrapped(**cfg) -> tuple[LoRAMoE, torch.nn.Module]:
     return method, method.wrap(base_model())
 
 
-def train_forward(method: LoRAMoE, model: torch.nn.Module, b: dict) -> tuple[torch.Tensor | None, dict]:
-    """One training forward as benchmark.train runs it; returns the aux loss and every module's input."""
+def train_forward(method: LoRAMoE, model: torch.nn.Module, b: dict,
+                  kind: str | None = "knowledge") -> tuple[torch.Tensor | None, dict]:
+    """One training forward as benchmark.train runs it, in a stage of task ``kind`` (``None``: no
+    ``on_task_start`` call here); returns the aux loss and every module's input."""
+    if kind is not None:
+        method.on_task_start(model, TaskInfo(name="t", kind=kind, stage=1, num_stages=1))
     inputs = {}
     hooks = [layer.register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0].detach()))
              for name, layer in moe_layers(model)]
@@ -114,36 +119,62 @@ def test_wrapped_model_equals_base_exactly_at_init():
 
 @pytest.mark.parametrize("form", ["cv2", "cv"])
 @pytest.mark.parametrize("mask_padding", [False, True])
-def test_balance_loss_equals_hand_value_summed_over_modules(form, mask_padding):
+@pytest.mark.parametrize("kind", ["knowledge", "skill"])
+def test_balance_loss_equals_hand_value_summed_over_modules(form, mask_padding, kind):
     delta, weight = 0.3, 0.07
     method, model = wrapped(blc_alpha=delta, blc_weight=weight, blc_form=form, blc_mask_padding=mask_padding)
     randomise(model)
-    b = batch(task_types=(1, 0, 0))
-    aux, inputs = train_forward(method, model, b)  # train mode: experts see dropout(x), the router must not
+    b = batch()
+    aux, inputs = train_forward(method, model, b, kind)  # train mode: experts see dropout(x), the router must not
     assert aux is not None and aux.dim() == 0 and aux.requires_grad
+    types = [KIND_TO_TYPE[kind]] * b["input_ids"].shape[0]  # a stage trains on one task: one type per batch
     mask = b["attention_mask"] if mask_padding else None
-    expected = sum(hand_lbc(layer, inputs[name], b["task_types"], delta, weight, form, mask)
+    expected = sum(hand_lbc(layer, inputs[name], types, delta, weight, form, mask)
                    for name, layer in moe_layers(model))
     assert len(inputs) == 3 * LAYERS
     assert math.isclose(aux.item(), expected, rel_tol=1e-5)
     # padding matters in this batch, so the masked and the unmasked variants must differ
-    other = sum(hand_lbc(layer, inputs[name], b["task_types"], delta, weight, form,
+    other = sum(hand_lbc(layer, inputs[name], types, delta, weight, form,
                          None if mask_padding else b["attention_mask"]) for name, layer in moe_layers(model))
     assert not math.isclose(aux.item(), other, rel_tol=1e-3)
 
 
-def test_balance_loss_depends_on_task_types_only_through_delta():
+def test_balance_loss_depends_on_task_kind_only_through_delta():
     # no dropout: both forwards must see the same hidden states
     method, model = wrapped(blc_alpha=0.2, blc_weight=0.1, dropout=0.0)
     randomise(model)
-    a, _ = train_forward(method, model, batch((1, 0, 1)))
-    b, _ = train_forward(method, model, batch((0, 1, 0)))
-    assert not math.isclose(a.item(), b.item(), rel_tol=1e-4)  # the batch's task types reached the layers
+    a, _ = train_forward(method, model, batch(), "knowledge")
+    b, _ = train_forward(method, model, batch(), "skill")
+    assert not math.isclose(a.item(), b.item(), rel_tol=1e-4)  # the stage's task kind reached the layers
     method0, model0 = wrapped(blc_alpha=0.0, blc_weight=0.1, dropout=0.0)
     randomise(model0)
-    a0, _ = train_forward(method0, model0, batch((1, 0, 1)))
-    b0, _ = train_forward(method0, model0, batch((0, 1, 0)))
+    a0, _ = train_forward(method0, model0, batch(), "knowledge")
+    b0, _ = train_forward(method0, model0, batch(), "skill")
     assert math.isclose(a0.item(), b0.item(), rel_tol=1e-6)
+
+
+def test_task_types_come_from_the_stage_and_match_the_old_batch_tensor():
+    method, _ = wrapped()
+    b = batch(rows=5)
+    assert method.routing_task_types(b) is None  # no stage known
+    for kind, value in (("knowledge", 1), ("skill", 0)):
+        method.on_task_start(torch.nn.Module(), TaskInfo(name="t", kind=kind, stage=1, num_stages=1))
+        t = method.routing_task_types(b)
+        # what benchmark.data.collate used to put in the batch: (B,) torch.long, on the batch's device
+        assert t.dtype == torch.long and t.device == b["input_ids"].device and t.tolist() == [value] * 5
+    method.on_task_end(torch.nn.Module(), TaskInfo(name="t", kind="skill", stage=1, num_stages=1))
+    assert method.routing_task_types(b) is None  # the stage is over
+    with pytest.raises(ValueError, match="kind"):
+        method.on_task_start(torch.nn.Module(), TaskInfo(name="t", kind="chat", stage=1, num_stages=1))
+
+
+def test_no_stage_known_means_no_constraint_and_one_warning(caplog):
+    method, model = wrapped(blc_weight=0.5)
+    randomise(model)
+    with caplog.at_level("WARNING", logger="methods.loramoe"):
+        assert train_forward(method, model, batch(), kind=None)[0] is None
+        assert train_forward(method, model, batch(), kind=None)[0] is None
+    assert sum("balancing constraint is not applied" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_delta0_equals_weight_times_cv2_of_per_sample_importances():
@@ -209,7 +240,7 @@ def test_diagnostics_cover_the_stage_training_forwards_only():
     info = TaskInfo(name="t", kind="knowledge", stage=1, num_stages=1)
     method.on_task_start(model, info)
     b = batch()
-    train_forward(method, model, b)
+    train_forward(method, model, b, kind=None)  # the stage started above
     method.on_task_end(model, info)
     logits(model, b)  # evaluation forwards after the stage are not counted
     d = method.diagnostics(model)

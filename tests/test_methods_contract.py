@@ -18,7 +18,7 @@ def _batch(vocab: int = 100, b: int = 3, t: int = 7) -> dict[str, torch.Tensor]:
     mask = torch.ones(b, t, dtype=torch.long)
     mask[0, -2:] = 0
     labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_types": torch.tensor([0, 1, 0])}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}  # as benchmark.data.collate makes it
 
 
 def _logits(method, model, batch):

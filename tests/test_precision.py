@@ -29,7 +29,7 @@ def _examples(n: int = 8):
     out = []
     for i in range(n):
         ids = torch.randint(2, 64, (6 + i % 3,), generator=g).tolist()
-        out.append(Example(ids, [-100] * 3 + ids[3:], task_type=i % 2))
+        out.append(Example(ids, [-100] * 3 + ids[3:]))
     return out
 
 

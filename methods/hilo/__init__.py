@@ -32,13 +32,12 @@ What this plugin does -- our defaults, marked [D], are guesses, not the paper's 
   * [D] alpha 16, dropout 0.05, all seven projections q,k,v,o,gate,up,down (MoLA/AlphaLoRA training setup;
     dropout was not tuned on tiny-world);
   * [D] lr 1e-3, chosen on the tiny-world validation sequence (best validation plasticity of {1e-3, 3e-3,
-    1e-2}; 3e-3 and 1e-2 lost most of the general knowledge and learned less).
+    1e-2}; ``scripts/tune_defaults.py``, results/tuning/README.md).
 
-The published numbers are in the README and results/; the version-1 rank ablation ("2468" vs a uniform rank 5 at
-equal active parameters: within one standard deviation on the 4-layer model) is in results/ablations.
+Published numbers: the README and results/ (the rank ablation: results/ablations; what ``experts: alpha_hill``
+allocates on tiny-world: results/README.md, "Measurement notes").
 
-On tiny-world (4 layers) the defaults give experts 2/4/6/8 and ranks 2/4/6/8 per layer; ``experts: alpha_hill``
-gives 12/3/3/2 there (layer 0 is the least heavy-tailed), the opposite of MoLA's layout.
+On a 4-layer model (tiny-world) the defaults give experts 2/4/6/8 and ranks 2/4/6/8 per layer.
 
 Trainable parameters per adapted module of layer ``l``: ``N_l r_l (d_in + d_out) + d_in (N_l + n_null)``;
 active per token: ``k_l r_l (d_in + d_out) + d_in (N_l + n_null)`` (docs/methods.md §2.4). Not mergeable: routing
@@ -47,25 +46,16 @@ depends on the token.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import nn
 
-from methods.base import Method, TaskInfo, register_method
+from methods.base import register_method
 from methods.hilo.allocation import default_total, parse_schedule, resolve_schedule
 from methods.hilo.config import HiloConfig
 from methods.hilo.model import HiloPlan, decoder_layers, inject, make_plan, param_counts, routing_summary
-from methods.moe_lora import (
-    collect_aux,
-    load_trainable_state,
-    routing_context,
-    set_track_stats,
-    trainable_state,
-)
+from methods.moe_lora import MoELoRAMethod
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +63,7 @@ __all__ = ["Hilo", "HiloConfig", "HiloPlan"]
 
 
 @register_method("hilo")
-class Hilo(Method):
+class Hilo(MoELoRAMethod):
     """MoLA-style top-k mixture of LoRA experts with a per-layer expert count and a per-layer rank."""
 
     config_cls = HiloConfig
@@ -102,28 +92,8 @@ class Hilo(Method):
                     self.plan.top_k, f", null experts {self.plan.n_null}" if self.plan.n_null else "")
         return model
 
-    @contextlib.contextmanager
-    def forward_context(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[None]:
-        # the attention mask keeps padding out of the balance loss and the routing statistics
-        with routing_context(attention_mask=batch.get("attention_mask")):
-            yield
-
-    def aux_loss(self, model: nn.Module) -> torch.Tensor | None:
-        return collect_aux(model)
-
-    def on_task_start(self, model: nn.Module, task: TaskInfo) -> None:
-        set_track_stats(model, True, reset=True)  # statistics of this stage's training tokens
-
-    def on_task_end(self, model: nn.Module, task: TaskInfo) -> None:
-        set_track_stats(model, False, reset=False)  # keep them; evaluation must not add to them
-
-    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return trainable_state(model)
-
-    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(model, state)
-
     def param_counts(self, model: nn.Module) -> dict[str, int]:
+        # the closed form from the allocation (docs/methods.md §2.4): with null experts "active" is an upper bound
         if self.plan is None:
             raise RuntimeError("param_counts needs a model wrapped by this method")
         return param_counts(self.plan, self._shapes)

@@ -7,13 +7,14 @@ Official code: https://github.com/Ablustrund/LoRAMoE (``peft/tuners/lora.py``, c
 - every target ``nn.Linear`` gets N LoRA experts; a bias-free router on ``x`` (without dropout) gives a dense
   softmax (fp32) over all N experts; ``y = W x + (alpha / r) * sum_i g_i(x) B_i A_i dropout(x)``; B = 0 at init;
 - localized balancing constraint (LBC), per adapted module, from the routing weights ``g`` (B, T, N) and each
-  sample's task type (task kind ``knowledge`` -> 1, ``skill`` -> 0, :data:`benchmark.data.KIND_TO_TYPE`):
+  sample's task type (task kind ``knowledge`` -> 1, ``skill`` -> 0, :data:`KIND_TO_TYPE`):
   ``Q = sum_t g``, ``I[b, e] = 1 + delta`` if expert e is in sample b's group (experts ``[0, N/2)`` for type 1,
   ``[N/2, N)`` for type 0) else ``1 - delta``, ``Z = (I * Q).flatten()``,
   ``L = beta * var(Z) / mean(Z)^2`` (unbiased var), summed over every adapted module and added to the LM loss;
-- task types reach the layers through :meth:`LoRAMoE.forward_context` (a routing context around the training
-  forward and backward), not through a forked model; evaluation runs with no context, hence no LBC and purely
-  learned routing, as in the official code (``task_types=None`` at inference).
+- a stage trains on one task, so every sample of its batches has the task type of the kind that
+  :meth:`LoRAMoE.on_task_start` receives; :meth:`LoRAMoE.forward_context` hands the ``(B,)`` task types to the
+  layers (a routing context around the training forward and backward), not a forked model. Evaluation runs with
+  no context, hence no LBC and purely learned routing, as in the official code (``task_types=None`` at inference).
 
 ================================  =================================================  ============================
 item                              paper / official code                              default here
@@ -27,21 +28,16 @@ LBC form                          code: var/mean^2 (authors, issue #3: intended)
 LBC padding                       code sums padding positions into Q                 same (``blc_mask_padding``)
 LBC delta / beta                  released script: 0 / 0 (LBC off); paper: not       0.1 / 0.1 per module (our
                                   retrieved                                          choice, see below)
-lr                                2e-4, cosine, 3 % warm-up (LLaMA-2-7B, 1 epoch)    ``train.lr`` (see below)
+lr                                2e-4, cosine, 3 % warm-up (LLaMA-2-7B, 1 epoch)    3e-3 (see below)
 ================================  =================================================  ============================
 
 Why delta = 0.1, beta = 0.1 (the starting point the method survey suggests; no paper value could be retrieved):
 beta is a per-module weight, as in the code, and the terms are summed over the adapted modules (12 on tiny-world,
 96 on LLaMA-2-7B), so the total weight grows with the model: re-tune beta when the targets or the depth change.
-On tiny-world (seed 0, lr 1e-3) beta = 0.1 is the smallest value tried at which the routing reaches the
-constraint's optimum (a sample puts 45 % of its mass on its own group, the (1 - delta) / (1 + delta) split
-explained below; measured 0.451-0.461 per stage), while the summed term stays small (0.013-0.023 per forward next
-to a cross-entropy of 0.3-1.6); beta = 0.01 moves the routing only part of the way (0.457-0.485). On that seed the
-constraint did not change the measured forgetting beyond seed noise: general_delta -13.4 / -15.8 / -19.3 and
-plasticity 50.8 / 57.8 / 54.0 for beta = 0 / 0.01 / 0.1.
-Why the shared ``train.lr``: the experts' update is scaled by alpha / r = 8 (peft LoRA's default here: 2), so
-the adapter already moves fast. On tiny-world (beta = 0.01) lr 1e-3 gave plasticity 57.8, general_delta -15.8;
-lr 2e-3 gave 59.2 and -31.1 (twice the forgetting for the same learning).
+On tiny-world, 0.1 is the smallest beta tried at which the routing reaches the constraint's optimum while the
+summed term stays small next to the cross-entropy (the probe: results/README.md, "Measurement notes").
+Why lr 3e-3: the best validation plasticity of {1e-3, 3e-3, 1e-2} on tiny-world-val (``scripts/tune_defaults.py``;
+results/tuning/README.md).
 
 A property of the code's formula worth knowing when reading the routing diagnostics: for fixed per-sample
 token counts its minimum is where ``(1 + delta) Q_own = (1 - delta) Q_other``, i.e. a sample puts *less* mass on
@@ -53,36 +49,25 @@ share of routing mass on experts ``[0, N/2)`` (the group the code assigns to tas
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from methods.base import Method, check_targets, register_method
+from methods.base import TaskInfo, check_targets, register_method
 from methods.loramoe.config import LoRAMoEConfig
-from methods.moe_lora import (
-    MoELoRALinear,
-    collect_aux,
-    inject_moe_lora,
-    load_trainable_state,
-    loramoe_balance_term,
-    moe_layers,
-    routing_context,
-    set_track_stats,
-    total_param_count,
-    trainable_state,
-)
+from methods.moe_lora import MoELoRALinear, MoELoRAMethod, inject_moe_lora, loramoe_balance_term, moe_layers
 
-__all__ = ["LoRAMoE", "LoRAMoEConfig"]
+__all__ = ["KIND_TO_TYPE", "LoRAMoE", "LoRAMoEConfig"]
 
 logger = logging.getLogger(__name__)
 
+KIND_TO_TYPE = {"knowledge": 1, "skill": 0}  # LoRAMoE task types (TaskInfo.kind -> type): 1 = world knowledge
+
 
 @register_method("loramoe")
-class LoRAMoE(Method):
+class LoRAMoE(MoELoRAMethod):
     """Dense MoE of LoRA experts on the FFN projections, trained with the localized balancing constraint."""
 
     config_cls = LoRAMoEConfig
@@ -91,6 +76,7 @@ class LoRAMoE(Method):
         super().__init__(config)
         self._aux_sum: torch.Tensor | None = None
         self._aux_count = 0
+        self._task_type: int | None = None  # of the stage being trained; None outside on_task_start/on_task_end
         self._warned_no_types = False
 
     # -- setup --------------------------------------------------------------------------------------
@@ -114,40 +100,37 @@ class LoRAMoE(Method):
         return model
 
     # -- training hooks -------------------------------------------------------------------------------
-    def on_task_start(self, model: nn.Module, task: Any) -> None:
-        set_track_stats(model, enabled=True, reset=True)  # diagnostics describe this stage's training forwards
+    def on_task_start(self, model: nn.Module, task: TaskInfo) -> None:
+        if task.kind not in KIND_TO_TYPE:
+            raise ValueError(f"Invalid task kind: {task.kind!r}; LoRAMoE knows {', '.join(KIND_TO_TYPE)}")
+        super().on_task_start(model, task)
+        self._task_type = KIND_TO_TYPE[task.kind]
         self._aux_sum, self._aux_count = None, 0
 
-    def on_task_end(self, model: nn.Module, task: Any) -> None:
-        set_track_stats(model, enabled=False, reset=False)  # evaluation forwards must not enter the statistics
+    def on_task_end(self, model: nn.Module, task: TaskInfo) -> None:
+        super().on_task_end(model, task)
+        self._task_type = None
 
-    @contextlib.contextmanager
-    def forward_context(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[None]:
-        task_types = batch.get("task_types")
-        if task_types is None and self.config.blc_weight > 0 and not self._warned_no_types:
-            logger.warning("loramoe: the batch has no task_types; the balancing constraint is not applied")
-            self._warned_no_types = True
-        with routing_context(task_types=task_types, attention_mask=batch.get("attention_mask")):
-            yield
+    def routing_task_types(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The stage's task type for every row of ``batch`` (``None``, hence no LBC, when no stage is known)."""
+        if self._task_type is None:
+            if self.config.blc_weight > 0 and not self._warned_no_types:
+                logger.warning("loramoe: no task kind known (forward outside on_task_start/on_task_end); "
+                               "the balancing constraint is not applied")
+                self._warned_no_types = True
+            return None
+        ids = batch["input_ids"]
+        return torch.full((ids.shape[0],), self._task_type, dtype=torch.long, device=ids.device)
 
     def aux_loss(self, model: nn.Module) -> torch.Tensor | None:
-        aux = collect_aux(model)
-        if aux is not None:
+        aux = super().aux_loss(model)
+        if aux is not None:  # the stage's mean LBC, for the diagnostics
             d = aux.detach()
             self._aux_sum = d if self._aux_sum is None else self._aux_sum + d
             self._aux_count += 1
         return aux
 
-    # -- state and reporting ----------------------------------------------------------------------------
-    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return trainable_state(model)
-
-    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(model, state)
-
-    def param_counts(self, model: nn.Module) -> dict[str, int]:
-        return total_param_count(model)  # dense routing: active == trainable
-
+    # -- reporting (dense routing: param_counts' active == trainable) ------------------------------------
     def diagnostics(self, model: nn.Module) -> dict[str, Any]:
         """Routing over the training forwards of the latest stage (padding excluded).
 

@@ -2,6 +2,7 @@
 
 This package registers no method; it only provides building blocks:
 
+- :class:`MoELoRAMethod` -- the method hooks the three plugins share (``method.py``);
 - :class:`MoELoRALinear`, :class:`RouterOutput`, :func:`param_count` -- the layer (``layer.py``);
 - :func:`inject_moe_lora`, :func:`moe_layers`, :func:`trainable_state`, :func:`load_trainable_state`,
   :func:`total_param_count`, :func:`collect_aux`, routing-statistics helpers -- model level (``inject.py``);
@@ -27,9 +28,11 @@ from methods.moe_lora.inject import (
 )
 from methods.moe_lora.layer import MoELoRALinear, RouterOutput, param_count
 from methods.moe_lora.losses import loramoe_balance, loramoe_balance_term, switch_balance_term, switch_load_balance
+from methods.moe_lora.method import MoELoRAMethod
 
 __all__ = [
     "MoELoRALinear",
+    "MoELoRAMethod",
     "RouterOutput",
     "RoutingContext",
     "collect_aux",

@@ -4,7 +4,7 @@
 ``nn.Linear``. The runner (through ``Method.forward_context``) sets them here for the duration of one training
 step, and every :class:`~methods.moe_lora.layer.MoELoRALinear` reads them in ``forward``::
 
-    with routing_context(task_types=batch.pop("task_types"), attention_mask=batch["attention_mask"]):
+    with routing_context(task_types=method_task_types, attention_mask=batch["attention_mask"]):
         loss = model(**batch).loss + method.aux_loss(model)
         loss.backward()          # keep backward INSIDE the context (gradient-checkpoint recompute)
 

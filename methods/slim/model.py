@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.moe_lora import MoELoRALinear, get_routing_context, is_recomputing, model_routing_stats, moe_layers
+from methods.moe_lora import (MoELoRALinear, get_routing_context, is_recomputing, model_routing_stats, moe_layers,
+                              set_track_stats)
 from methods.slim.clustering import SlidingClusters, new_token, refresh_states
 from methods.slim.config import SlimConfig
 from methods.slim.merging import DynamicMerging, apply_dynamic_merging, l1_term
@@ -115,14 +116,18 @@ def layer_seed(base_seed: int, index: int) -> int:
     return (base_seed * 1_000_003 + 7919 * (index + 1)) % (2**62)
 
 
+def reset_yield_stats(model: nn.Module) -> None:
+    """Clear the yielding statistics of every SLIM layer's clustering state (the routing ones are the layer's)."""
+    for _, layer in moe_layers(model):
+        if isinstance(getattr(layer, "slim_clusters", None), SlidingClusters):
+            layer.slim_clusters.reset_yield_stats()
+
+
 def set_tracking(model: nn.Module, enabled: bool) -> None:
     """Switch routing and yielding statistics on/off for every SLIM layer (clearing them when switched on)."""
-    for _, layer in moe_layers(model):
-        layer.track_stats = enabled
-        if enabled:
-            layer.reset_stats()
-            if isinstance(getattr(layer, "slim_clusters", None), SlidingClusters):
-                layer.slim_clusters.reset_yield_stats()
+    set_track_stats(model, enabled=enabled, reset=enabled)
+    if enabled:
+        reset_yield_stats(model)
 
 
 def _mean(values: list[tuple[float, float]]) -> float | None:
