@@ -518,7 +518,7 @@ def test_config_validation_and_registry():
         with pytest.raises(ValueError, match=next(iter(bad))):
             SlimConfig(**bad)
     with pytest.raises(UserError, match="methods.slim"):
-        from benchmark.runner import make_plan
+        from benchmark.plan import make_plan
 
         make_plan(make_config({"methods": ["slim"]}, ["methods.slim.eval_mask=never"]))
     with pytest.raises(ValueError, match="nope"):
