@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.errors import UserError
+from benchmark.paths import cache_root
 
 logger = logging.getLogger(__name__)
 CONVERSION_VERSION = 1  # bump when the conversion below changes what it writes
@@ -96,8 +97,6 @@ def cache_key(spec: GgufWheelModel) -> str:
 
 
 def _cache_root() -> Path:
-    from benchmark.models import cache_root
-
     return cache_root() / "models"
 
 

@@ -14,38 +14,13 @@ import torch
 
 from benchmark import tokens
 from tasks.base import TaskSpec
-
-
-def render(template: str, record: dict[str, Any]) -> str:
-    """Render a Jinja template exactly as lm-eval does (compiled once per template)."""
-    from benchmark.evaluate import render_template
-
-    return render_template(template, record)
+from tasks.templates import answer_text, render
 
 
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]
-
-
-def choice_list(spec: TaskSpec, record: dict[str, Any]) -> list[str]:
-    """The answer options of a multiple-choice record, read as lm-eval reads ``doc_to_choice``."""
-    import ast
-
-    if spec.choices in record:
-        return list(record[spec.choices])
-    return list(ast.literal_eval(render("{{" + spec.choices + "}}", record)))
-
-
-def answer_text(spec: TaskSpec, record: dict[str, Any]) -> str:
-    """The training answer: the rendered target, or for multiple choice the gold option's text."""
-    target = render(spec.target, record)
-    if spec.output_type == "multiple_choice":
-        options = choice_list(spec, record)
-        t = target.strip()
-        return options[int(t)] if t.isdigit() else t
-    return target
 
 
 def encode_example(spec: TaskSpec, record: dict[str, Any], tokenizer: Any, max_len: int,

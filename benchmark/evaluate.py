@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tasks.base import TaskSpec
+from tasks.templates import render
 
 logger = logging.getLogger(__name__)
 LM_EVAL_PREFIX = "lm_eval:"
@@ -33,24 +34,6 @@ def _records_dataset(spec: TaskSpec, **_: Any):
     import datasets
 
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(spec.records("test"))})
-
-
-@functools.lru_cache(maxsize=512)
-def compiled_template(template: str) -> Any:
-    """``template`` compiled once in lm-eval's own Jinja environment.
-
-    ``lm_eval.utils.apply_template`` compiles its template again for every document (about 1 ms each: the
-    largest share of lm-eval's set-up per evaluation and of tokenising the training data); rendering the
-    compiled template in the same environment gives the identical string.
-    """
-    from lm_eval import utils
-
-    return utils.env.from_string(template)
-
-
-def render_template(template: str, doc: dict[str, Any]) -> str:
-    """``lm_eval.utils.apply_template(template, doc)``, with the template compiled once."""
-    return compiled_template(template).render(**doc)
 
 
 @dataclass(frozen=True)
@@ -68,7 +51,7 @@ class DocField:
 
         if self.template in doc:
             return doc[self.template]
-        text = render_template(self.template, doc)
+        text = render(self.template, doc)
         if self.role == "choice" or (text.isdigit() and self.has_choices):
             return ast.literal_eval(text)
         if self.role == "target" and len(text) >= 2 and text[0] == "[" and text[-1] == "]":
@@ -230,7 +213,7 @@ def evaluate(
     metric_of = {(k[len(LM_EVAL_PREFIX):] if k.startswith(LM_EVAL_PREFIX) else k): v
                  for k, v in (metrics or {}).items()}
     # indexing lm-eval's ~14k built-in task YAMLs costs seconds: only do it when a built-in task is asked for
-    manager = TaskManager(include_path=include_path, include_defaults=bool(builtin) and not _all_included(
+    manager = TaskManager(include_path=include_path, include_defaults=bool(builtin) and not all_included(
         builtin, include_path), verbosity="ERROR")
     calls: list[tuple[int | None, list[Any]]] = []
     groups = _fewshot_groups(builtin, fewshot, num_fewshot)
@@ -333,7 +316,7 @@ def _run_lm_eval(lm: Any, manager: Any, task_list: list[Any], num_fewshot: int |
                             apply_chat_template=chat, fewshot_as_multiturn=chat)
 
 
-def _all_included(builtin: list[str], include_path: str | None) -> bool:
+def all_included(builtin: list[str], include_path: str | None) -> bool:
     """True when every requested lm-eval task is defined under ``include_path`` (no need to index lm-eval's)."""
     if not include_path:
         return False

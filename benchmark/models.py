@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -16,16 +15,12 @@ import torch
 
 from benchmark.config import TINY_WORLD, ModelConfig, PretrainConfig, TrainConfig
 from benchmark.errors import UserError
+from benchmark.paths import cache_root
 
 logger = logging.getLogger(__name__)
 RECIPE_VERSION = 1
 TINYWORLD_DATA = Path(__file__).resolve().parent.parent / "tasks" / "tinyworld"
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
-
-
-def cache_root() -> Path:
-    """Where built base models live: ``$FORGETBENCH_CACHE`` or ``~/.cache/forgetbench``."""
-    return Path(os.environ.get("FORGETBENCH_CACHE", Path.home() / ".cache" / "forgetbench"))
 
 
 def _corpus() -> list[str]:

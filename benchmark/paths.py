@@ -8,6 +8,7 @@ root.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -50,3 +51,9 @@ def lock_path(out_dir: str | Path, name: str) -> Path:
 def cache_dir(out_dir: str | Path) -> Path:
     """``DIR/cache/`` (content-keyed evaluation results)."""
     return under(out_dir, "cache")
+
+
+def cache_root() -> Path:
+    """The machine-wide cache (built base models, prepared datasets): ``$FORGETBENCH_CACHE`` or
+    ``~/.cache/forgetbench``; unlike the folders above it is shared by every output directory."""
+    return Path(os.environ.get("FORGETBENCH_CACHE", Path.home() / ".cache" / "forgetbench"))

@@ -72,10 +72,10 @@ def download_lm_eval_tasks(names: list[str], include_path: str | None) -> dict[s
     """Build lm-eval's tasks once (which downloads their datasets into the ``datasets`` cache)."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from benchmark.evaluate import _all_included
+    from benchmark.evaluate import all_included
 
     manager = TaskManager(include_path=include_path, verbosity="ERROR",
-                          include_defaults=not _all_included(names, include_path))
+                          include_defaults=not all_included(names, include_path))
     tasks = get_task_dict(names, manager)
     out: dict[str, Any] = {}
 

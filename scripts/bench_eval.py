@@ -54,7 +54,7 @@ def plain_accuracy(model: Any, tok: Any, specs: list[Any], batch_rows: int, limi
     """Accuracy (points) per task by the plain batched log-likelihood loop."""
     import torch
 
-    from benchmark.data import choice_list, render
+    from tasks.templates import choice_list, render
 
     scores = {}
     step = max(1, batch_rows // 4) * 4  # whole questions per batch

@@ -62,7 +62,7 @@ def load_model(a: argparse.Namespace, device: Any, dtype: Any) -> tuple[Any, Any
 
 def mc_tokens(tok: Any, specs: list[Any], limit: int | None) -> dict[str, float]:
     """Mean tokens per multiple-choice request (context + continuation), per task."""
-    from benchmark.data import choice_list, render
+    from tasks.templates import choice_list, render
 
     out = {}
     for spec in specs:
@@ -78,7 +78,7 @@ def mc_tokens(tok: Any, specs: list[Any], limit: int | None) -> dict[str, float]
 
 def gen_tokens(tok: Any, specs: list[Any], limit: int | None) -> dict[str, float]:
     """Mean prompt tokens per generative example, per task."""
-    from benchmark.data import render
+    from tasks.templates import render
 
     return {s.name: sum(len(tok(render(s.prompt, r), add_special_tokens=False)["input_ids"])
                         for r in s.records("test")[:limit]) / len(s.records("test")[:limit]) for s in specs}

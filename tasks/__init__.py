@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from benchmark.errors import UserError
 from tasks.base import SEQUENCES, SUITES, TASKS, GeneralSuite, SequenceSpec, TaskSpec, register_suite, register_task
 
 __all__ = ["SEQUENCES", "SUITES", "TASKS", "GeneralSuite", "SequenceSpec", "TaskSpec", "load_suite_yaml",
@@ -25,8 +26,6 @@ def load_task_yaml(path: Path) -> TaskSpec:
     A bad file (unknown or removed key such as ``chance``, invalid value) raises a one-line :class:`UserError`
     naming the file, not a traceback.
     """
-    from benchmark.errors import UserError
-
     with open(path, encoding="utf-8") as f:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
@@ -60,8 +59,6 @@ def resolve_suite(name_or_path: str) -> GeneralSuite:
     """A general suite by registered name (``ls suites``) or from a suite YAML file."""
     p = Path(name_or_path).expanduser()
     if name_or_path.endswith((".yaml", ".yml")) or p.is_file():
-        from benchmark.errors import UserError
-
         if not p.is_file():
             raise UserError(f"general suite file not found: {name_or_path!r}")
         try:

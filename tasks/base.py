@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.registry import Registry
+from tasks.sources import load_records, validate_source
 
 TASKS: Registry[Any] = Registry("task", group="forgetbench.tasks", builtin_package="tasks")
 SEQUENCES: Registry[Any] = Registry("sequence", group="forgetbench.sequences", builtin_package="tasks")
@@ -110,8 +111,6 @@ class TaskSpec:
         if self.output_type == "multiple_choice" and not self.choices:
             raise ValueError(f"task {self.name!r}: multiple_choice needs 'choices'")
         if self.source is not None:
-            from tasks.sources import validate_source
-
             validate_source(self)
         if "test" not in self.splits:
             raise ValueError(f"task {self.name!r}: data needs a 'test' split")
@@ -140,9 +139,7 @@ class TaskSpec:
             with open(self.path(split), encoding="utf-8") as f:
                 return [json.loads(line) for line in f if line.strip()]
         if split not in self._cache:
-            from tasks.sources import load_records
-
-            self._cache[split] = load_records(self, split)
+            self._cache[split] = load_records(self, split, TASKS.get)
         return self._cache[split]
 
     def content_hash(self) -> str:

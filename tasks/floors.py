@@ -22,8 +22,8 @@ import logging
 from collections import Counter
 from typing import Any
 
-from benchmark.data import answer_text, choice_list, render
 from benchmark.textmetrics import edit_sim, rouge_l
+from tasks.templates import answer_text, choice_list, render
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,14 @@ import logging
 import os
 import random
 import re
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from benchmark.errors import UserError
+from benchmark.paths import cache_root
+from tasks.templates import choice_list, render
 
 logger = logging.getLogger(__name__)
 SOURCE_TYPES = ("hf", "local", "mix")
@@ -37,8 +41,6 @@ def data_root() -> Path:
     env = os.environ.get("FORGETBENCH_DATA")
     if env:
         return Path(env).expanduser()
-    from benchmark.models import cache_root
-
     return cache_root() / "data"
 
 
@@ -119,7 +121,7 @@ def prepared_path(spec: Any, split: str, root: Path | None = None) -> Path:
 
 def hub_load(path: str, name: str | None, split: str, revision: str | None) -> Any:
     """Download one split of a hub dataset (``prepare`` only; tests replace this with a fixture reader)."""
-    import datasets
+    import datasets  # deferred on purpose: a heavy import that only ``prepare`` needs
 
     return datasets.load_dataset(path, name, split=split, revision=revision)
 
@@ -157,8 +159,6 @@ def fetch_upstream(spec: Any, split: str) -> list[dict[str, Any]]:
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
     """Write rows as JSON lines via a temporary file + rename (never half a file); returns the sha256."""
-    import tempfile
-
     data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -196,19 +196,17 @@ def _preprocess_fn(spec: Any):
         raise UserError(f"task {spec.name!r}: cannot import preprocess {spec.preprocess!r}: {exc}") from exc
 
 
-def mix_records(spec: Any, split: str) -> list[dict[str, Any]]:
+def mix_records(spec: Any, split: str, get_task: Callable[[str], Any]) -> list[dict[str, Any]]:
     """A mixture of multiple-choice tasks in one schema: ``{query, choices, gold, source}`` per record.
 
-    Each component is rendered with its own templates (so the mixture trains and scores exactly what each task
-    would), capped at ``sample.<split>.max_rows`` rows per component, and interleaved by a seeded shuffle.
+    Each component (``get_task(name)``, the task registry's lookup) is rendered with its own templates (so the
+    mixture trains and scores exactly what each task would), capped at ``sample.<split>.max_rows`` rows per
+    component, and interleaved by a seeded shuffle.
     """
-    from benchmark.data import choice_list, render
-    from tasks.base import TASKS
-
     rule = sample_rule(spec, split) or {}
     rows: list[dict[str, Any]] = []
     for name in spec.source["tasks"]:
-        comp = TASKS.get(name)
+        comp = get_task(name)
         if comp.output_type != "multiple_choice":
             raise UserError(f"task {spec.name!r}: mixed task {name!r} is not multiple choice")
         comp_split = spec.source["splits"][split]
@@ -221,10 +219,14 @@ def mix_records(spec: Any, split: str) -> list[dict[str, Any]]:
     return rows
 
 
-def load_records(spec: Any, split: str) -> list[dict[str, Any]]:
-    """Records of one split as the templates see them: upstream rows, then the optional ``preprocess`` hook."""
+def load_records(spec: Any, split: str, get_task: Callable[[str], Any]) -> list[dict[str, Any]]:
+    """Records of one split as the templates see them: upstream rows, then the optional ``preprocess`` hook.
+
+    ``get_task`` looks up a mix source's component tasks by name (the caller's registry: this module sits below
+    :mod:`tasks.base` and does not import it).
+    """
     if spec.source is not None and spec.source["type"] == "mix":
-        rows = mix_records(spec, split)
+        rows = mix_records(spec, split, get_task)
     elif spec.source is not None:
         rows = upstream_records(spec, split)
     else:

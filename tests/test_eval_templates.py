@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmark.data import render
 from benchmark.evaluate import DocField, lm_eval_task_config
+from tasks.templates import render
 
 
 def _spec(task, folder):

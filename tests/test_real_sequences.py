@@ -112,7 +112,7 @@ def test_every_real_task_loads_in_upstream_schema_and_evaluates(env):
     # upstream schema reaches the templates unchanged: an O-LoRA label id becomes its label word
     yahoo = TASKS.get("olora_yahoo").records("train")[0]
     assert set(yahoo) == set(fixture_rows("fancyzhx/yahoo_answers_topics", None, "train")[0])
-    from benchmark.data import answer_text, render
+    from tasks.templates import answer_text, render
 
     assert answer_text(TASKS.get("olora_yahoo"), yahoo) == "Sports"
     agnews = TASKS.get("olora_agnews")

@@ -162,7 +162,8 @@ def test_chat_template_that_writes_bos_gets_no_second_bos():
 def test_tinyworld_ids_unchanged_by_the_parity_rules(tmp_path):
     """tiny-world's tokenizer (no BOS, no merges across the answer boundary) gives the ids it always had:
     context and answer encoded separately, without special tokens, plus EOS."""
-    from benchmark.data import answer_text, encode_task, render
+    from benchmark.data import encode_task
+    from tasks.templates import answer_text, render
     from tasks import TASKS
     from tests.conftest import city_task, sentiment_generation_task
 
