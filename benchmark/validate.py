@@ -26,6 +26,7 @@ from benchmark.paths import checkpoint_dir, record_path
 from benchmark.plan import Plan, make_plan, run_inputs
 from benchmark.records import finished_result, first_difference
 from benchmark.reference import all_runs
+from tasks.templates import compiled_template
 
 logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -141,17 +142,16 @@ def _load_split(spec: Any, split: str) -> list[Any]:
 
 def check_task_data(spec: Any) -> None:
     """Every split is non-empty and every record renders, with a non-empty target that is one of its choices."""
-    from lm_eval.utils import env  # lm-eval's own Jinja environment (StrictUndefined), as used at evaluation
-
-    prompt = env.from_string(spec.prompt)
+    # compiled in lm-eval's own Jinja environment (StrictUndefined), as rendered at training and evaluation
+    prompt = compiled_template(spec.prompt)
     mc = spec.output_type == "multiple_choice"
-    choices = env.from_string("{{" + spec.choices + "}}") if mc else None
+    choices = compiled_template("{{" + spec.choices + "}}") if mc else None
     for split in _split_names(spec):
         records = _load_split(spec, split)
         if not records:
             raise UserError(f"task {spec.name!r}: the {split} split is empty")
         eval_target = getattr(spec, "eval_target", None) if split == "test" else None
-        target = env.from_string(eval_target or spec.target)
+        target = compiled_template(eval_target or spec.target)
         for i, rec in enumerate(records):
             where = f"task {spec.name!r}: {split} record {i}"
             if not isinstance(rec, dict):

@@ -22,13 +22,13 @@ Writes results/bench/harness.json (harness_<model>.json with --model; goal there
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchlib import fmt_table, offline_env, probe_run, verdict, write_result
+from benchmark.records import load_records  # noqa: E402 - benchlib puts the repository on sys.path
 
 GOAL = 10.0  # percent, tiny-world (issue 9)
 REAL_MODEL_GOAL = 5.0  # percent, a real model such as --model smollm2-135m (issue 14): more work per call
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         demo = {"rerun": cli + ["--force"], "none": None,
                 "next-seed": command(next_seed, ["train.max_steps=2"])}[a.cache_demo]
         rerun = split(probe_run(demo)) if demo else None
-        records = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+        records = load_records([out_dir])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if a.cache_demo == "rerun" and rerun["calls"].get("evaluate", 0):
             print("  (a stage evaluation was recomputed: its key covers the trained weights and the source of the "
                   "methods package, so an edit under methods/ between the two runs makes it a miss)")
-    costs = [{k: r.get("costs", {}).get(k) for k in ("train_seconds", "eval_seconds", "wall_seconds",
-                                                     "peak_memory_mb")} | {"run_id": r["run_id"]} for r in records]
+    costs = [{k: getattr(r.costs, k, None) for k in ("train_seconds", "eval_seconds", "wall_seconds",
+                                                    "peak_memory_mb")} | {"run_id": r.run_id} for r in records]
     name = "harness" if not a.model or a.model == "tiny-world" else f"harness_{a.model.replace('-', '_')}"
     write_result(name, {"goal": f"overhead <= {goal} % of wall", "command": shown,
                              "quick": a.quick, "first": first, "rerun": rerun, "record_costs": costs})

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import fmt_table, offline_env, probe_run, registered_methods, verdict, write_result
+from benchmark.records import read_record  # noqa: E402 - benchlib puts the repository on sys.path
 
 GOAL = 1.1
 PEFT = ("lora", "loramoe", "slim", "hilo")
@@ -37,11 +38,11 @@ def measure(method: str, steps: int, limit: int, sets: list[str]) -> dict[str, A
         for s in sets:
             cli += ["--set", s]
         d = probe_run(cli)
-        rec = json.loads(next((Path(tmp) / "out" / "runs").glob("*.json")).read_text())
+        rec = read_record(next((Path(tmp) / "out" / "runs").glob("*.json")))
     ck = d.get("checkpoints", [])
     param_bytes = ck[0]["trainable_param_bytes"] if ck else None
-    return {"status": rec["status"], "error": rec.get("error"), "peak_memory_mb": rec["costs"]["peak_memory_mb"],
-            "trainable_params": rec["costs"].get("trainable_params"), "trainable_param_bytes": param_bytes,
+    return {"status": rec.status, "error": rec.error, "peak_memory_mb": rec.costs.peak_memory_mb,
+            "trainable_params": rec.costs.trainable_params, "trainable_param_bytes": param_bytes,
             "checkpoints": ck,
             "extra_state_bytes": max(c["state_tensor_bytes"] for c in ck) - param_bytes if ck else None,
             "adapter_file_ratio": max(c["files"]["trainable.safetensors"] / param_bytes for c in ck) if ck else None,

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchlib import (BENCH_DIR, device_and_dtype, fmt_table, interleaved, medians, offline_env, probe_run,
                       write_result)
+from benchmark.records import read_record  # noqa: E402 - benchlib puts the repository on sys.path
 
 N_GENERAL = 4  # tasks of the tiny-world general suite
 
@@ -42,18 +42,18 @@ def stage_curve(lengths: list[int], steps: int, limit: int, method: str) -> dict
             cli = ["-q", "run", "--methods", method, "--seeds", "0", "--output", str(Path(tmp) / "out"),
                    "--set", f"train.max_steps={steps}", "--set", f"eval.limit={limit}"]
             d = probe_run(cli, ["--sequence-of", str(n)])
-            rec = json.loads(next((Path(tmp) / "out" / "runs").glob("*.json")).read_text())
+            rec = read_record(next((Path(tmp) / "out" / "runs").glob("*.json")))
         t = d["times"]
         evalm = t.get("eval_model_call", 0.0) + t.get("eval_model_generate", 0.0)
         train = t.get("train_loop", 0.0) - t.get("collate", 0.0)
-        examples = sum((rec.get("n_examples") or {}).values())  # examples of one evaluation (all tasks)
+        examples = sum((rec.n_examples or {}).values())  # examples of one evaluation (all tasks)
         evals = d["calls"].get("evaluate", 0)
         tokens = sum(st["tokens"] for st in d.get("train_stages", []))
         out[n] = {"wall_s": d["wall_s"], "train_s": train, "train_tokens": tokens,
                   "eval_s": t.get("evaluate", 0.0), "eval_forward_s": evalm,
                   "overhead_s": d["wall_s"] - train - evalm, "startup_s": d["wall_s"] - d["main_s"],
                   "evaluations": evals, "examples_per_eval": examples,
-                  "peak_memory_mb": rec["costs"]["peak_memory_mb"], "status": rec["status"]}
+                  "peak_memory_mb": rec.costs.peak_memory_mb, "status": rec.status}
     return out
 
 

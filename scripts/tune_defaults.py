@@ -16,7 +16,6 @@ Finished runs are skipped, so the sweep resumes. The chosen values are the defau
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import subprocess
 import sys
@@ -27,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmark import metrics  # noqa: E402 - after the path set-up
+from benchmark.records import load_records  # noqa: E402
 
 logger = logging.getLogger("tune_defaults")
 GRIDS: dict[str, list[float]] = {
@@ -60,14 +60,12 @@ def run(method: str, lr: float, output: str) -> None:
 def table(output: str) -> dict[str, list[tuple[float, float, float, float]]]:
     """method -> [(lr, plasticity, final_avg, general_delta)] over the finished validation runs."""
     out: dict[str, list[tuple[float, float, float, float]]] = {}
-    for path in sorted(Path(output, "runs").glob("*.json")):
-        rec = json.loads(path.read_text(encoding="utf-8"))
-        if rec.get("status") != "success" or rec.get("sequence") != "tiny-world-val":
+    for rec in load_records([output]):
+        if rec.status != "success" or rec.sequence != "tiny-world-val":
             continue
-        lr = rec["method_config"].get("lr") or rec["config"]["train"]["lr"]
-        vals = [metrics.plasticity(rec["R"]).value, metrics.final_avg(rec["R"]).value,
-                metrics.general_delta(rec["G"]).value]
-        out.setdefault(rec["method"], []).append((float(lr), *[float(v) for v in vals]))
+        lr = rec.method_config.get("lr") or rec.config["train"]["lr"]
+        vals = [metrics.plasticity(rec.R).value, metrics.final_avg(rec.R).value, metrics.general_delta(rec.G).value]
+        out.setdefault(rec.method, []).append((float(lr), *[float(v) for v in vals]))
     return {m: sorted(rows) for m, rows in out.items()}
 
 
