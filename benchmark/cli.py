@@ -1,4 +1,9 @@
-"""Command line: ``python -m benchmark {run,ls,leaderboard}`` (argparse subcommands, comma-separated lists)."""
+"""Command line: ``python -m benchmark {run,ls,leaderboard}`` (argparse subcommands, comma-separated lists).
+
+Each command imports what it needs inside its function, on purpose: ``--help``, ``ls`` and bad input answer in
+a fraction of a second instead of the seconds torch, transformers and lm-eval take to import; and ``run`` and
+``prepare`` must set the data-cache variables before anything imports ``datasets``.
+"""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ import torch
 
 import benchmark.evaluate
 import tasks.base
+import tasks.templates
 from benchmark.records import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def harness_versions() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     h = hashlib.sha256()
-    for mod in (benchmark.evaluate, tasks.base):
+    for mod in (benchmark.evaluate, tasks.base, tasks.templates):  # the scorer and the template renderer
         h.update(Path(mod.__file__).read_bytes())
     versions["eval_code"] = h.hexdigest()
     versions["cache_format"] = CACHE_FORMAT

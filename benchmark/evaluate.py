@@ -9,16 +9,21 @@ evaluation is deterministic: greedy generation, log-likelihood multiple choice, 
 
 from __future__ import annotations
 
+import ast
 import functools
 import logging
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
+from benchmark import textmetrics
+from benchmark.samples import check_log_samples, sample_rows
 from tasks.base import TaskSpec
 from tasks.templates import render
 
@@ -31,7 +36,7 @@ FEWSHOT_SEED = 1234  # seed of lm-eval's few-shot example sampling (as in lm-eva
 
 def _records_dataset(spec: TaskSpec, **_: Any):
     """``custom_dataset`` callable: the spec's test records as a ``datasets.DatasetDict``."""
-    import datasets
+    import datasets  # deferred: a heavy import that only an evaluation needs
 
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(spec.records("test"))})
 
@@ -47,8 +52,6 @@ class DocField:
     has_choices: bool
 
     def __call__(self, doc: dict[str, Any]) -> Any:
-        import ast
-
         if self.template in doc:
             return doc[self.template]
         text = render(self.template, doc)
@@ -65,8 +68,6 @@ class DocField:
 def _metric_entry(metric: str) -> dict[str, Any]:
     """lm-eval ``metric_list`` entry; text-overlap metrics are plain functions from :mod:`benchmark.textmetrics`."""
     if metric in ("rouge_l", "edit_sim"):
-        from benchmark import textmetrics
-
         return {"metric": getattr(textmetrics, metric), "aggregation": "mean", "higher_is_better": True}
     return {"metric": metric, "aggregation": "mean", "higher_is_better": True}
 
@@ -198,9 +199,7 @@ def evaluate(
         log_samples: per-sample rows in ``EvalResult.samples``: ``local`` (of ``specs``), ``all`` (lm-eval's
             tasks too) or ``none``. Scores are the same either way.
     """
-    from lm_eval.tasks import TaskManager
-
-    from benchmark.samples import check_log_samples, sample_rows
+    from lm_eval.tasks import TaskManager  # deferred: lm-eval takes seconds to import
 
     check_log_samples(log_samples)
 
@@ -269,7 +268,7 @@ def _memo_hflm_class() -> type:
     its context: lm-eval encodes each (context, continuation) pair twice per request, so most of its ~2 calls
     per request repeat earlier ones. Memoising returns identical ids (a copy) without re-running the tokenizer.
     """
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.huggingface import HFLM  # deferred: lm-eval takes seconds to import
 
     class MemoHFLM(HFLM):
         def tok_encode(self, string: str, add_special_tokens: bool | None = None,
@@ -302,7 +301,7 @@ def _run_lm_eval(lm: Any, manager: Any, task_list: list[Any], num_fewshot: int |
     training RNG streams are left untouched (greedy evaluation needs no randomness). ``log_samples`` only adds
     lm-eval's per-sample log (``out["samples"]``) to the result; the scores are computed the same way.
     """
-    import lm_eval
+    import lm_eval  # deferred: lm-eval takes seconds to import
 
     loaded = manager.load(task_list)
     for task in loaded["tasks"].values():
@@ -320,10 +319,6 @@ def all_included(builtin: list[str], include_path: str | None) -> bool:
     """True when every requested lm-eval task is defined under ``include_path`` (no need to index lm-eval's)."""
     if not include_path:
         return False
-    from pathlib import Path
-
-    import yaml
-
     names: set[str] = set()
     for p in Path(include_path).rglob("*.yaml"):
         try:

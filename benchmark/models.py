@@ -14,8 +14,12 @@ from typing import Any
 import torch
 
 from benchmark.config import TINY_WORLD, ModelConfig, PretrainConfig, TrainConfig
+from benchmark.data import encode_texts
 from benchmark.errors import UserError
+from benchmark.evaluate import evaluate
 from benchmark.paths import cache_root
+from benchmark.precision import load_dtype, resolve_precision
+from benchmark.train import train_stage
 
 logger = logging.getLogger(__name__)
 RECIPE_VERSION = 1
@@ -80,12 +84,8 @@ def pretrain_tinyworld(cfg: PretrainConfig, general_specs: list[Any], out_dir: P
 
 
 def _pretrain(cfg: PretrainConfig, general_specs: list[Any], out_dir: Path, quiet: bool) -> dict:
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # deferred, like every transformers/accelerate import: seconds to load
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from benchmark.data import encode_texts
-    from benchmark.evaluate import evaluate
-    from benchmark.train import train_stage
 
     torch.manual_seed(cfg.seed)
     tok = train_tokenizer(cfg.vocab_size)
@@ -153,9 +153,7 @@ def load_base(cfg: ModelConfig, path: str | Path | None = None, precision: str =
     The weights are stored as ``train.precision`` (``precision``, resolved here when ``auto``) and ``cfg.dtype``
     say: :func:`benchmark.precision.load_dtype`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from benchmark.precision import load_dtype, resolve_precision
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: seconds to import
 
     src = str(path if path is not None else cfg.name)
     if path is None and cfg.name != TINY_WORLD and (cfg.name.startswith((".", "/", "~")) and not Path(cfg.name).exists()):

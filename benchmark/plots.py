@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from benchmark.records import RunRecord, atomic_write_bytes
@@ -33,8 +34,6 @@ def slug(text: Any) -> str:
 
 def _colors(methods: list[str]) -> dict[str, Any]:
     """One stable colour per method name, shared by every figure."""
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10"]
     return {m: cmap(i % 10) for i, m in enumerate(sorted(set(methods)))}
 

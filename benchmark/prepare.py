@@ -21,13 +21,21 @@ Then, on the air-gapped machine, ``python -m benchmark run ... --data-dir /share
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmark.builtin_models import ensure_builtin, is_builtin
 from benchmark.errors import UserError
+from benchmark.evaluate import all_included
+from benchmark.models import model_slug
+from benchmark.records import atomic_write_text, read_json
+from tasks import SEQUENCES, TASKS, resolve_suite
+from tasks.sources import data_root, fetch_upstream, prepared_path, root_env, sample_rule, write_jsonl
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -39,8 +47,6 @@ def configure_data_env(data_dir: str | None, roots: dict[str, str] | None = None
     Sets ``FORGETBENCH_DATA``, ``HF_DATASETS_CACHE`` (when the folder holds lm-eval datasets and the user has
     not set it) and ``FORGETBENCH_<ROOT>_DIR`` for each local dataset root (e.g. ``trace``).
     """
-    from tasks.sources import data_root, root_env
-
     if data_dir:
         os.environ["FORGETBENCH_DATA"] = str(Path(data_dir).expanduser().resolve())
     root = data_root()
@@ -57,8 +63,8 @@ def configure_data_env(data_dir: str | None, roots: dict[str, str] | None = None
 def resolve_revision(path: str, revision: str | None) -> str | None:
     """The commit SHA a hub dataset revision points to now (None offline or for a local dataset)."""
     try:
-        from huggingface_hub import HfApi
-        from huggingface_hub import constants
+        # deferred: huggingface_hub reads HF_* variables at import, which configure_data_env may set
+        from huggingface_hub import HfApi, constants
 
         if constants.HF_HUB_OFFLINE:
             return None
@@ -70,9 +76,7 @@ def resolve_revision(path: str, revision: str | None) -> str | None:
 
 def download_lm_eval_tasks(names: list[str], include_path: str | None) -> dict[str, Any]:
     """Build lm-eval's tasks once (which downloads their datasets into the ``datasets`` cache)."""
-    from lm_eval.tasks import TaskManager, get_task_dict
-
-    from benchmark.evaluate import all_included
+    from lm_eval.tasks import TaskManager, get_task_dict  # deferred: imports `datasets`, after configure_data_env
 
     manager = TaskManager(include_path=include_path, verbosity="ERROR",
                           include_defaults=not all_included(names, include_path))
@@ -96,15 +100,13 @@ def download_lm_eval_tasks(names: list[str], include_path: str | None) -> dict[s
 
 def download_model(model_id: str, revision: str | None, target: Path) -> str:
     """Snapshot a hub model into ``target`` (then pass ``--model <target>``)."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: see resolve_revision
 
     return snapshot_download(model_id, revision=revision, local_dir=str(target))
 
 
 def _task_specs(names: list[str]) -> list[Any]:
     """Specs of ``names`` plus the components of mixed tasks (each once, in order)."""
-    from tasks import TASKS
-
     out: list[Any] = []
     for n in names:
         spec = TASKS.get(n)
@@ -117,12 +119,8 @@ def _task_specs(names: list[str]) -> list[Any]:
 
 def _prepare_task(spec: Any, root: Path) -> list[dict[str, Any]]:
     """Materialise every split of one task; returns its manifest entries."""
-    from tasks.sources import fetch_upstream, prepared_path, sample_rule, write_jsonl
-
     entries = []
     if spec.source is None:  # packaged data (e.g. tiny-world): record what it is, nothing to fetch
-        import hashlib
-
         for split in spec.splits:
             p = spec.path(split)
             entries.append({"task": spec.name, "split": split, "type": "packaged", "file": str(p),
@@ -149,12 +147,6 @@ def _prepare_task(spec: Any, root: Path) -> list[dict[str, Any]]:
 def prepare(sequence: str, general: str | None = None, cache: str | None = None, model: str | None = None,
             model_revision: str | None = None) -> dict[str, Any]:
     """Materialise the data (and optionally the model) of one sequence + suite; returns the merged manifest."""
-    import json
-
-    from benchmark.records import atomic_write_text, read_json
-    from tasks import SEQUENCES, resolve_suite
-    from tasks.sources import data_root
-
     root = configure_data_env(cache)
     root.mkdir(parents=True, exist_ok=True)
     seq = SEQUENCES.get(sequence)
@@ -174,16 +166,13 @@ def prepare(sequence: str, general: str | None = None, cache: str | None = None,
         logger.info("downloading lm-eval tasks %s into %s", ", ".join(builtin), os.environ.get("HF_DATASETS_CACHE"))
         manifest["lm_eval_tasks"].update(download_lm_eval_tasks(builtin, suite.include_dir()))
     if model:
-        from benchmark.builtin_models import ensure_builtin, is_builtin
-        from benchmark.models import model_slug
-
         if is_builtin(model):  # kept in the model cache, where `run --model <name>` looks
             manifest["models"][model] = {"path": str(ensure_builtin(model)), "builtin": True}
         else:
             target = root / "models" / model_slug(model)
             manifest["models"][model] = {"path": download_model(model, model_revision, target),
                                          "revision": model_revision}
-    import lm_eval
+    import lm_eval  # deferred: imports `datasets`, after configure_data_env
 
     manifest["prepared"].append({"sequence": seq.name, "general": suite.name or general, "lm_eval_tasks": builtin,
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -17,6 +17,7 @@ import platform
 import subprocess
 import tempfile
 from dataclasses import dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -78,9 +79,7 @@ def git_info() -> dict[str, Any]:
 
 def environment() -> dict[str, Any]:
     """Package versions and machine facts that can change a number."""
-    from importlib import metadata
-
-    import torch
+    import torch  # deferred: the leaderboard reads records without loading torch
 
     versions = {}
     for pkg in ("torch", "transformers", "peft", "lm_eval", "datasets", "accelerate", "tokenizers", "numpy",

@@ -38,8 +38,6 @@ class _NoHooks:
     """Stand-in method with no hooks (plain language modelling)."""
 
     def forward_context(self, model: nn.Module, batch: dict) -> Any:
-        import contextlib
-
         return contextlib.nullcontext()
 
     def aux_loss(self, model: nn.Module) -> None:
@@ -60,7 +58,7 @@ def _all_finite(loss: torch.Tensor, world: int) -> bool:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
-    from transformers import get_scheduler
+    from transformers import get_scheduler  # deferred: transformers takes seconds to import
 
     name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=min(cfg.warmup_steps, steps), num_training_steps=steps)
