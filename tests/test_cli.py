@@ -95,6 +95,7 @@ def plugin_path(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_outside_plugin_is_discovered_and_runs(plugin_path, tmp_path, cache_dir):
     env = dict(os.environ, PYTHONPATH=f"{plugin_path}{os.pathsep}{ROOT}", FORGETBENCH_CACHE=str(cache_dir))
     ls = subprocess.run([sys.executable, "-m", "benchmark", "ls", "methods"], cwd=ROOT, env=env,

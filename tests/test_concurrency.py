@@ -18,6 +18,8 @@ from benchmark.locks import RunLock
 from benchmark.paths import lock_path
 from tests.conftest import TINY_RUN
 
+pytestmark = pytest.mark.slow  # end-to-end runs of minutes (see pyproject's markers)
+
 ROOT = Path(__file__).resolve().parent.parent
 SETS = [a for s in TINY_RUN for a in ("--set", s)]
 RUNS = {m: f"{m}--tiny-world--tiny-world--seed0" for m in ("full_ft", "lora")}

@@ -28,6 +28,7 @@ def _args(out: Path) -> list[str]:
     return argv
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_and_stay_in_sync(tmp_path, monkeypatch):
     one, two, cache = tmp_path / "one", tmp_path / "two", tmp_path / "fbcache"
     monkeypatch.setenv("FORGETBENCH_CACHE", str(cache))  # empty: rank 0 builds the base while rank 1 waits

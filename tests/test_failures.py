@@ -55,6 +55,7 @@ def _record(out, method):
     return found[0]
 
 
+@pytest.mark.slow
 def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path, cache_dir, oom_method, caplog):
     caplog.set_level(logging.INFO)
     out = tmp_path / "out"

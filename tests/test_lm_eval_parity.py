@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # end-to-end runs of minutes (see pyproject's markers)
+
 TASK_NAMES = ("tw_capital", "tw_add", "tw_sentiment", "tw_sentiment_gen")
 FAMILY_NAMES = ("sentencepiece_bos", "tinyworld")
 BATCH_SIZE = 64

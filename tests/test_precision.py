@@ -119,6 +119,7 @@ def test_contradicting_or_unknown_precision_is_a_user_error(precision, dtype):
     assert precision in str(err.value) and "valid" in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_bf16_mixed_run_records_its_policy_and_caches_apart(tmp_path, cache_dir, capsys):
     """End to end on the CPU: the record names the policy, a finished fp32 run is not taken for a bf16-mixed
     one, and the evaluation cache keys the policy (the same fp32-stored base is evaluated again under autocast)."""

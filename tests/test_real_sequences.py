@@ -156,6 +156,7 @@ def _head2(seq_name: str, general=None) -> str:
     return name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sequence,extra", [
     ("olora-order1", ["--general", "SUITE"]),  # the offline built-in-style suite: groups, per-task few-shot
     ("olora-order4", ["--set", "train.gradient_checkpointing=true", "--set", "train.grad_accum=2"]),

@@ -77,6 +77,7 @@ def base_model(cache_dir):
     return cache_dir
 
 
+@pytest.mark.slow
 def test_kill_9_mid_stage_then_resume_gives_identical_records(tmp_path, base_model):
     cache_dir = base_model
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"

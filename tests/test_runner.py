@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from benchmark.cli import main
 from tests.conftest import TINY_RUN
@@ -47,6 +48,7 @@ def test_run_writes_records_scores_and_leaderboard(tmp_path, cache_dir):
     assert "full_ft" in (out / "leaderboard.md").read_text()
 
 
+@pytest.mark.slow
 def test_ablation_shares_a_folder_with_the_default_run(tmp_path, cache_dir):
     """Other method options -> a run id of its own (no 'other settings' refusal) and a leaderboard row of its own."""
     from benchmark.config import make_config

@@ -39,6 +39,7 @@ def _sweep(out, shard=None):
     return main(argv)
 
 
+@pytest.mark.slow
 def test_shards_together_give_the_unsharded_rows(tmp_path, cache_dir):
     from tasks import SEQUENCES, SequenceSpec
 
