@@ -63,9 +63,9 @@ class Registry(Generic[T]):
         self._entries.pop(name, None)
 
     @contextlib.contextmanager
-    def registered(self, name: str, obj: T) -> Iterator[T]:
+    def registered(self, name: str, obj: T, origin: str = "test") -> Iterator[T]:
         """Register ``obj`` under ``name`` for the duration of a ``with`` block (a test's own plugin)."""
-        self.register(name, obj)
+        self.register(name, obj, origin=origin)
         try:
             yield obj
         finally:

@@ -147,3 +147,4 @@ def test_every_benchmark_module_has_a_documented_layer():
 def test_imports_run_downward_only():
     upward = sorted((m, t) for m, targets in _graph().items() for t in targets if _layer(t) > _layer(m))
     assert upward == []
+

@@ -119,12 +119,9 @@ def test_crash_before_the_first_stage_is_isolated(tmp_path, cache_dir, caplog):
                 p.requires_grad_(False)
             return model
 
-    METHODS.register("frozen_test", Frozen, origin="test")
-    try:
+    with METHODS.registered("frozen_test", Frozen):
         out = tmp_path / "out"
         rc = main(["run", "--methods", "frozen_test", "--output", str(out), *SETS])
-    finally:
-        METHODS.unregister("frozen_test")
     assert rc == 1
     rec = _record(out, "frozen_test")
     assert rec["status"] == "failed" and rec["error"] == "RuntimeError: the method left no trainable parameter"

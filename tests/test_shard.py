@@ -43,16 +43,12 @@ def _sweep(out, shard=None):
 def test_shards_together_give_the_unsharded_rows(tmp_path, cache_dir):
     from tasks import SEQUENCES, SequenceSpec
 
-    if "tw-shard-test" not in SEQUENCES:  # one tiny-world stage keeps the four runs quick
-        tw = SEQUENCES.get("tiny-world")
-        SEQUENCES.register("tw-shard-test", SequenceSpec(name="tw-shard-test", tasks=["tw_sentiment"],
-                                                         general=tw.general), origin="test")
-    try:
+    tw = SEQUENCES.get("tiny-world")  # one tiny-world stage keeps the four runs quick
+    with SEQUENCES.registered("tw-shard-test", SequenceSpec(name="tw-shard-test", tasks=["tw_sentiment"],
+                                                            general=tw.general)):
         assert _sweep(tmp_path / "all") == 0
         assert _sweep(tmp_path / "s1", "1/2") == 0
         assert _sweep(tmp_path / "s2", "2/2") == 0
-    finally:
-        SEQUENCES.unregister("tw-shard-test")
     assert [p.name.split("--")[0] for p in (tmp_path / "s1" / "runs").glob("*.json")] == ["full_ft"]
     assert [p.name.split("--")[0] for p in (tmp_path / "s2" / "runs").glob("*.json")] == ["lora"]
     assert main(["-q", "leaderboard", "--results", str(tmp_path / "s1"), str(tmp_path / "s2"),
