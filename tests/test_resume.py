@@ -229,11 +229,12 @@ def test_eval_cache_hits_only_on_identical_content(tmp_path, task_copy, tiny_lla
     assert lookup(model_hash(tiny_llama))[1] is False and len(calls) == 3, "changed weights: recomputed"
 
     # an entry that does not match its key (tampered, or a truncated-hash collision) or is unreadable: a miss
-    entry = next((tmp_path / "cache").glob("eval-*.json"))
+    # The entry is named by the current key: three entries exist and glob order is the filesystem's, not ours.
+    key, parts = eval_key(model_hash(tiny_llama), [spec], [], {"batch_size": 4, "limit": None, "device": "cpu"})
+    entry = tmp_path / "cache" / f"eval-{key}.json"
     stored = json.loads(entry.read_text())
     stored["parts"]["settings"]["batch_size"] = 99
     entry.write_text(json.dumps(stored))
-    key, parts = eval_key(stored["parts"]["model"], [spec], [], {"batch_size": 4, "limit": None, "device": "cpu"})
-    assert entry.name == f"eval-{key}.json" and cache.get(key, parts) is None
+    assert cache.get(key, parts) is None
     entry.write_text("{not json")
     assert cache.get(key, parts) is None
