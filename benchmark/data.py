@@ -88,12 +88,45 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _draw(order: list[int], n: int, size: int, generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """The next ``n`` indices of an epoch-by-epoch permutation stream over ``size`` items, and what is left."""
+    while len(order) < n:
+        order += torch.randperm(size, generator=generator).tolist()
+    return order[:n], order[n:]
+
+
+def mixture_rows(fraction: float, batch_size: int) -> int:
+    """Rows of a batch drawn from a mixture's pool: ``fraction`` of it rounded, at least one when the fraction is
+    above 0, and at most all rows but one (every batch keeps some of the stage's own data)."""
+    if fraction <= 0 or batch_size < 2:
+        return 0
+    return min(max(1, round(fraction * batch_size)), batch_size - 1)
+
+
+def mixed_positions(batch_size: int, rows: int) -> list[int]:
+    """Where the ``rows`` mixed-in rows sit in a batch: evenly spread, so every micro-batch (and every process's
+    slice of it) holds about the same share."""
+    return [int((j + 0.5) * batch_size / rows) for j in range(rows)]
+
+
 def batches(examples: list[Example], batch_size: int, steps: int, generator: torch.Generator,
-            pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """``steps`` batches drawn epoch by epoch from a seeded permutation (reproducible and resumable)."""
+            pad_id: int, mixture: Any = None) -> Iterator[dict[str, torch.Tensor]]:
+    """``steps`` batches drawn epoch by epoch from a seeded permutation (reproducible and resumable).
+
+    With a ``mixture`` (:class:`methods.base.Mixture`: a pool and a fraction) every batch takes
+    :func:`mixture_rows` rows from the pool, from a second permutation stream on the same generator, at
+    :func:`mixed_positions`.
+    Without one the generator is drawn exactly as before mixtures existed.
+    """
+    rows = mixture_rows(mixture.fraction, batch_size) if mixture is not None and mixture.pool else 0
+    at = set(mixed_positions(batch_size, rows)) if rows else set()
     order: list[int] = []
+    pool_order: list[int] = []
     for _ in range(steps):
-        while len(order) < batch_size:
-            order += torch.randperm(len(examples), generator=generator).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        yield collate([examples[i] for i in idx], pad_id)
+        idx, order = _draw(order, batch_size - rows, len(examples), generator)
+        if not rows:
+            yield collate([examples[i] for i in idx], pad_id)
+            continue
+        extra, pool_order = _draw(pool_order, rows, len(mixture.pool), generator)
+        own, mixed = iter(examples[i] for i in idx), iter(mixture.pool[i] for i in extra)
+        yield collate([next(mixed) if k in at else next(own) for k in range(batch_size)], pad_id)

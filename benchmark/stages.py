@@ -16,6 +16,7 @@ import logging
 import random
 import time
 import traceback
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 
 from benchmark import checkpoint
 from benchmark.builtin_models import model_label, model_source
-from benchmark.data import encode_task
+from benchmark.data import collate, encode_task, encode_texts
 from benchmark.distributed import gather_objects, on_main
 from benchmark.errors import UserError
 from benchmark.evalcache import model_hash, stage_model_key
@@ -37,7 +38,8 @@ from benchmark.records import (Costs, RunRecord, StageRow, environment, finished
                                git_info, write_record)
 from benchmark.scoring import base_evaluation, cached_evaluation, peak_memory_mb, score_rows
 from benchmark.train import train_stage
-from methods.base import TaskInfo
+from methods.base import StageData, TaskInfo
+from tasks.corpus import general_texts
 from tasks.floors import task_floor
 
 logger = logging.getLogger(__name__)
@@ -187,6 +189,12 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
     lr = cfg.train.method_lr(run.config.lr)
     # the budget the leaderboard shows next to the params; set on resume too (a checkpoint may predate them)
     rec.lr, rec.adapted_modules = lr, method.adapted_modules(model)
+
+    @cache
+    def general() -> list[Any]:  # encoded once per run, and only for a method that asks
+        texts = general_texts(plan.sequence.general, plan.general, plan.general_builtin)
+        return encode_texts(texts, tok, cfg.train.max_seq_len)
+
     for i, stage in enumerate(run.stages, start=1):
         if i <= done:
             continue
@@ -195,6 +203,7 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
         method.on_task_start(model, info)
         examples = [e for task in stage.tasks
                     for e in encode_task(task, tok, cfg.train.max_seq_len, chat=cfg.model.chat_template)]
+        method.on_stage_data(model, info, StageData(examples, general, partial(collate, pad_id=tok.pad_token_id)))
         stats = train_stage(model, method, examples, stage.steps, cfg.train, lr, gen, tok.pad_token_id,
                             accelerator, desc=f"{method_name} s{seed} {stage.name}", quiet=quiet)
         method.on_task_end(model, info)

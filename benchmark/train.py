@@ -46,6 +46,9 @@ class _NoHooks:
     def on_step(self, model: nn.Module, step: int) -> None:
         return None
 
+    def batch_mixture(self) -> None:
+        return None
+
 
 def _all_finite(loss: torch.Tensor, world: int) -> bool:
     """Whether the loss is finite on every process (all must stop together, or the others hang in backward)."""
@@ -82,6 +85,7 @@ def train_stage(
 ) -> StageStats:
     """Train ``steps`` optimiser steps on ``examples``; loss = LM loss + ``method.aux_loss``.
 
+    Every batch mixes in the rows of ``method.batch_mixture()`` when the method has one (experience replay).
     In a multi-process run (``data_parallel`` and more than one process) the model is wrapped for the stage by
     ``accelerator.prepare_model`` (DDP) and each process takes its slice of every global batch, so the global
     batch and the data order are the same for any number of processes; method hooks get the unwrapped model.
@@ -113,7 +117,8 @@ def train_stage(
     model.train()
     t0, losses, tokens = time.perf_counter(), [], 0
     bar = tqdm(total=steps, desc=desc, leave=False, disable=quiet or not accelerator.is_main_process)
-    for step, batch in enumerate(batches(examples, cfg.batch_size, steps, generator, pad_id), start=1):
+    mixture = method.batch_mixture()  # e.g. replayed rows: drawn inside every global batch, before rank slicing
+    for step, batch in enumerate(batches(examples, cfg.batch_size, steps, generator, pad_id, mixture), start=1):
         step_loss = 0.0
         for m in range(cfg.grad_accum):
             part = {k: v[m * micro:(m + 1) * micro][rank::world].to(accelerator.device) for k, v in batch.items()}

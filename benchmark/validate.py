@@ -26,6 +26,7 @@ from benchmark.paths import checkpoint_dir, record_path
 from benchmark.plan import Plan, make_plan, run_inputs
 from benchmark.records import finished_result, first_difference
 from benchmark.reference import all_runs
+from tasks import SUITES
 from tasks.templates import compiled_template
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def validate(cfg: ExperimentConfig, force: bool = False) -> Plan:
     names = model_module_names(cfg.model)
     for name, (cls, mcfg) in plan.methods.items():
         check_method(name, cls, mcfg, names)
+        if cls(mcfg).uses_general_text():
+            check_corpus(name, plan)
     for spec in plan.tasks + plan.general:
         check_task_data(spec)
     check_existing(plan, force)
@@ -108,6 +111,18 @@ def check_method(name: str, cls: type, mcfg: Any, module_names: set[str]) -> Non
         hook(module_names)
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"methods.{name}: {exc.args[0] if exc.args else exc}") from exc
+
+
+def check_corpus(name: str, plan: Plan) -> None:
+    """A method that replays general text needs a general suite with a corpus file."""
+    suite = plan.sequence.general
+    path = suite.corpus_path()
+    if path is None:
+        with_corpus = sorted(n for n in SUITES.names() if SUITES.get(n).corpus)
+        raise UserError(f"methods.{name}: replays general text, but general suite {suite.name!r} has no corpus "
+                        f"(suites with one: {', '.join(with_corpus) or 'none'})")
+    if not path.is_file():
+        raise UserError(f"general suite {suite.name!r}: corpus {str(path)!r} does not exist")
 
 
 # -- task data ----------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from methods.base import METHODS, Method, MethodConfig, TaskInfo, register_method
+from methods.base import METHODS, Method, MethodConfig, Mixture, StageData, TaskInfo, register_method
 
-__all__ = ["METHODS", "Method", "MethodConfig", "TaskInfo", "register_method"]
+__all__ = ["METHODS", "Method", "MethodConfig", "Mixture", "StageData", "TaskInfo", "register_method"]
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.ispkg:

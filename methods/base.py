@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,6 +41,38 @@ class TaskInfo:
     kind: str  # "knowledge" or "skill"
     stage: int  # 1-based stage index in the sequence
     num_stages: int
+
+
+@dataclass
+class StageData:
+    """The training data of the stage about to train, for methods that keep or use data (replay, EWC).
+
+    Args:
+        examples: the stage's encoded training examples, in file order (objects with ``input_ids`` and
+            ``labels`` lists of ints; ``-100`` labels are masked out of the loss).
+        general: returns encoded general text, for methods that replay it: the general suite's ``corpus`` with
+            every text that holds a general evaluation question removed, encoded as plain language modelling
+            (empty when the suite has no corpus). Called on demand: encoding it costs time.
+        collate: pads a list of such examples into a CPU batch ``{input_ids, attention_mask, labels}``, exactly as
+            the training loop batches them.
+    """
+
+    examples: list[Any]
+    general: Callable[[], list[Any]]
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Mixture:
+    """Rows of every training batch drawn from a method's own pool (experience replay).
+
+    Each batch takes ``fraction`` of its rows (rounded to whole rows by the training loop, which knows the batch
+    size) from ``pool``, drawn epoch by epoch from a seeded permutation like the stage's own rows, and the rest from
+    the stage, so the ratio holds within every batch, not only on average.
+    """
+
+    pool: list[Any]
+    fraction: float
 
 
 @dataclass
@@ -84,6 +116,17 @@ class Method(ABC):
 
     def on_task_start(self, model: nn.Module, task: TaskInfo) -> None:
         """Called before training on a task."""
+
+    def on_stage_data(self, model: nn.Module, task: TaskInfo, data: StageData) -> None:
+        """Called after :meth:`on_task_start` with the stage's training data, before training."""
+
+    def uses_general_text(self) -> bool:
+        """Whether the method reads :attr:`StageData.general` (validation then requires a suite with a corpus)."""
+        return False
+
+    def batch_mixture(self) -> Mixture | None:
+        """Rows the training loop mixes into every batch of the coming stage (asked once per stage), or None."""
+        return None
 
     def on_task_end(self, model: nn.Module, task: TaskInfo) -> None:
         """Called after training on a task, before it is evaluated."""

@@ -366,7 +366,9 @@ def main() -> None:
             "name": f"tiny-world{suffix}",
             "description": f"Tiny-world facts ({what} half): capitals, continents, currencies, chemical elements "
                            "(4-way multiple choice, balanced answers).",
-            "tasks": [f"tw_{g}{tag}" for g in GENERAL_GROUPS]})
+            "tasks": [f"tw_{g}{tag}" for g in GENERAL_GROUPS],
+            # the pretraining corpus, for methods that replay general text (its own questions are screened out)
+            "corpus": "../tinyworld/facts.jsonl"})
     counts = Counter(f["relation"] for f in real + lexicon_facts())
     logger.info("%d facts: %s", sum(counts.values()), ", ".join(f"{k} {v}" for k, v in counts.items()))
 

@@ -188,6 +188,9 @@ class GeneralSuite:
         metrics: per-task lm-eval metric key, e.g. ``{lm_eval:gsm8k: "exact_match,strict-match"}`` (default:
             ``acc_norm``, else ``acc``, else ``exact_match``, first filter lm-eval reports).
         include_path: folder of extra lm-eval task YAMLs (relative to the suite file), e.g. offline copies.
+        corpus: JSONL of general text (a ``text`` field per line, relative to the suite file) that methods may
+            replay, e.g. the pretraining corpus; :func:`tasks.corpus.general_texts` removes every text that holds
+            one of the suite's questions before any method sees it.
         limit: kept for old configs; ``eval.limit`` applies to every task.
     """
 
@@ -199,6 +202,7 @@ class GeneralSuite:
     fewshot: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)
     include_path: str | None = None
+    corpus: str | None = None
     root: str = ""
 
     def __post_init__(self) -> None:
@@ -215,6 +219,13 @@ class GeneralSuite:
             return None
         p = Path(self.include_path)
         return str(p if p.is_absolute() else (Path(self.root) / p).resolve())
+
+    def corpus_path(self) -> Path | None:
+        """Absolute path of the general text corpus, or None."""
+        if not self.corpus:
+            return None
+        p = Path(self.corpus)
+        return p if p.is_absolute() else (Path(self.root) / p).resolve()
 
 
 @dataclass

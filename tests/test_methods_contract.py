@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from methods import METHODS, TaskInfo
+from benchmark.data import Example, collate
+from methods import METHODS, StageData, TaskInfo
 
 
 def _batch(vocab: int = 100, b: int = 3, t: int = 7) -> dict[str, torch.Tensor]:
@@ -19,6 +20,13 @@ def _batch(vocab: int = 100, b: int = 3, t: int = 7) -> dict[str, torch.Tensor]:
     mask[0, -2:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}  # as benchmark.data.collate makes it
+
+
+def _stage_data(batch: dict[str, torch.Tensor]) -> StageData:
+    """The batch's rows as a stage's encoded examples, with general text of the same shape."""
+    rows = [Example([int(t) for t, m in zip(ids, mask) if m], [int(t) for t, m in zip(lab, mask) if m])
+            for ids, mask, lab in zip(batch["input_ids"], batch["attention_mask"], batch["labels"])]
+    return StageData(examples=rows, general=lambda: list(rows), collate=lambda ex: collate(ex, pad_id=0))
 
 
 def _logits(method, model, batch):
@@ -41,12 +49,16 @@ def test_method_contract(name, tiny_llama):
 
     batch = _batch()
     # a freshly wrapped model behaves like the base model (adapters start as no-ops)
-    if name != "full_ft":
+    if method.adapted_modules(model) != ["all"]:
         torch.testing.assert_close(_logits(method, model, batch), base_logits.detach(), rtol=0, atol=1e-5)
 
     opt = torch.optim.SGD(trainable, lr=0.5)
     for stage, kind in enumerate(["skill", "knowledge"], start=1):
-        method.on_task_start(model, TaskInfo(name=f"t{stage}", kind=kind, stage=stage, num_stages=2))
+        info = TaskInfo(name=f"t{stage}", kind=kind, stage=stage, num_stages=2)
+        method.on_task_start(model, info)
+        method.on_stage_data(model, info, _stage_data(batch))
+        mixture = method.batch_mixture()
+        assert mixture is None or (0 <= mixture.fraction < 1 and isinstance(mixture.pool, list))
         model.train()
         with method.forward_context(model, batch):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -58,7 +70,7 @@ def test_method_contract(name, tiny_llama):
         opt.step()
         opt.zero_grad()
         method.on_step(model, stage)
-        method.on_task_end(model, TaskInfo(name=f"t{stage}", kind=kind, stage=stage, num_stages=2))
+        method.on_task_end(model, info)
 
     assert isinstance(method.diagnostics(model), dict)
     state = method.trainable_state(model)
