@@ -47,11 +47,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.base import Method, StageData, TaskInfo, register_method
+from methods.base import StageData, TaskInfo, register_method
 from methods.ewc.config import EwcConfig
 from methods.ewc.fisher import combine, diagonal_fisher, evenly_spaced, ewc_penalty
-from methods.full_ft import FullFT
-from methods.lora import Lora
+from methods.on_base import OnBase
 
 logger = logging.getLogger(__name__)
 FISHER, ANCHOR = "ewc.fisher.", "ewc.anchor."  # prefixes of the EWC tensors in trainable_state
@@ -65,25 +64,17 @@ def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 @register_method("ewc")
-class Ewc(Method):
+class Ewc(OnBase):
     """A base learner (``full_ft`` or ``lora``) plus the online EWC penalty on its trainable parameters."""
 
     config_cls = EwcConfig
 
     def __init__(self, config: EwcConfig | None = None) -> None:
         super().__init__(config)
-        base_cls = {"full_ft": FullFT, "lora": Lora}[self.config.base]
-        self.base = base_cls(self.config.base_config())
         self.fisher: dict[str, torch.Tensor] | None = None  # float32, on the parameters' devices
         self.anchor: dict[str, torch.Tensor] | None = None
         self.data: StageData | None = None
         self.stats: dict[str, Any] = {}
-
-    def validate(self, module_names: set[str]) -> None:
-        self.base.validate(module_names)
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return self.base.wrap(model)
 
     def on_stage_data(self, model: nn.Module, task: TaskInfo, data: StageData) -> None:
         self.data = data
@@ -135,15 +126,6 @@ class Ewc(Method):
 
     def diagnostics(self, model: nn.Module) -> dict[str, Any]:
         return dict(self.stats)
-
-    def param_counts(self, model: nn.Module) -> dict[str, int]:
-        return self.base.param_counts(model)
-
-    def adapted_modules(self, model: nn.Module) -> list[str]:
-        return self.base.adapted_modules(model)
-
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        return self.base.eval_model(model)
 
 
 def _mean(fisher: dict[str, torch.Tensor]) -> float:

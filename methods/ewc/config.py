@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from methods.base import MethodConfig
-from methods.full_ft import FullFTConfig
-from methods.lora import LoraMethodConfig
-
-BASES = {"full_ft": FullFTConfig, "lora": LoraMethodConfig}
-
-
-def _number(value: object) -> bool:
-    """A real int or float (``bool`` excluded), finite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from methods.on_base import OnBaseConfig, finite_number
 
 
 @dataclass
-class EwcConfig(MethodConfig):
+class EwcConfig(OnBaseConfig):
     """Hyper-parameters of online EWC (the table in the ``methods.ewc`` docstring says where each default is from).
 
     Args:
@@ -35,27 +25,17 @@ class EwcConfig(MethodConfig):
             not re-tuned for EWC).
     """
 
-    lr: float | None = field(default=None, metadata={"help": "Learning rate (None: the base method's default)."})
-    base: str = field(default="full_ft", metadata={"help": "full_ft or lora."})
     ewc_lambda: float = field(default=100.0, metadata={"help": "Penalty weight lambda (Fisher normalisation: "
                                                                    "methods/ewc/fisher.py)."})
     gamma: float = field(default=1.0, metadata={"help": "Online decay of the earlier stages' Fisher, in [0, 1]."})
     fisher_samples: int = field(default=200, metadata={"help": "Examples per stage the Fisher is estimated from."})
 
     def __post_init__(self) -> None:
-        if self.base not in BASES:
-            raise ValueError(f"Invalid base: {self.base!r} (valid: {', '.join(BASES)})")
-        if self.lr is None:  # resolved here, so the record's method_config states the value used
-            self.lr = BASES[self.base]().lr
         super().__post_init__()
-        if not _number(self.ewc_lambda) or self.ewc_lambda < 0:
+        if not finite_number(self.ewc_lambda) or self.ewc_lambda < 0:
             raise ValueError(f"Invalid ewc_lambda: {self.ewc_lambda!r} (must be a finite number >= 0)")
-        if not _number(self.gamma) or not 0.0 <= self.gamma <= 1.0:
+        if not finite_number(self.gamma) or not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"Invalid gamma: {self.gamma!r} (must be in [0, 1])")
         if not isinstance(self.fisher_samples, int) or isinstance(self.fisher_samples, bool) \
                 or self.fisher_samples < 1:
             raise ValueError(f"Invalid fisher_samples: {self.fisher_samples!r} (must be an integer >= 1)")
-
-    def base_config(self) -> MethodConfig:
-        """The base method's config at its defaults, with this config's lr."""
-        return BASES[self.base](lr=self.lr)

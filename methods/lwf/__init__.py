@@ -40,9 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.base import Method, TaskInfo, register_method
-from methods.full_ft import FullFT
-from methods.lora import Lora
+from methods.base import TaskInfo, register_method
+from methods.on_base import OnBase
 from methods.lwf.config import LwfConfig
 from methods.lwf.distill import distill_loss, output_logits
 from methods.lwf.teacher import (TEACHER, add_teacher_adapter, frozen_copy, is_teacher_param,
@@ -54,15 +53,13 @@ __all__ = ["TEACHER", "Lwf", "LwfConfig"]
 
 
 @register_method("lwf")
-class Lwf(Method):
+class Lwf(OnBase):
     """A base learner (``full_ft`` or ``lora``) plus the LwF distillation term against the stage-start model."""
 
     config_cls = LwfConfig
 
     def __init__(self, config: LwfConfig | None = None) -> None:
         super().__init__(config)
-        base_cls = {"full_ft": FullFT, "lora": Lora}[self.config.base]
-        self.base = base_cls(self.config.base_config())
         self.teacher: nn.Module | None = None  # full_ft: the frozen copy (lora: the adapter TEACHER in the model)
         self.has_teacher = False
         self._batch: dict[str, torch.Tensor] | None = None
@@ -70,12 +67,6 @@ class Lwf(Method):
         self._student_logits: torch.Tensor | None = None
         self._in_teacher = False  # the lora teacher pass re-enters the model's own hooks
         self._last: torch.Tensor | None = None  # kept on the device: read only by diagnostics
-
-    def validate(self, module_names: set[str]) -> None:
-        self.base.validate(module_names)
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return self.base.wrap(model)
 
     def on_task_start(self, model: nn.Module, task: TaskInfo) -> None:
         self._drop_teacher(model)  # before copying: at most one teacher is alive at a time
@@ -148,18 +139,9 @@ class Lwf(Method):
         state = self.base.trainable_state(model)
         return {k: v for k, v in state.items() if not is_teacher_param(k)}
 
-    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        self.base.load_trainable_state(model, state)
-
     def diagnostics(self, model: nn.Module) -> dict[str, Any]:
         return {} if self._last is None else {"distill_loss": float(self._last)}
 
     def param_counts(self, model: nn.Module) -> dict[str, int]:
         n = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and not is_teacher_param(name))
         return {"trainable": n, "active": n}
-
-    def adapted_modules(self, model: nn.Module) -> list[str]:
-        return self.base.adapted_modules(model)
-
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        return self.base.eval_model(model)

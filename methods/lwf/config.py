@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from methods.base import MethodConfig
-from methods.full_ft import FullFTConfig
-from methods.lora import LoraMethodConfig
-
-BASES = {"full_ft": FullFTConfig, "lora": LoraMethodConfig}
-
-
-def _number(value: object) -> bool:
-    """A real int or float (``bool`` excluded), finite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from methods.on_base import OnBaseConfig, finite_number
 
 
 @dataclass
-class LwfConfig(MethodConfig):
+class LwfConfig(OnBaseConfig):
     """Hyper-parameters of LwF (the table in the ``methods.lwf`` docstring says where each default is from).
 
     Args:
@@ -30,22 +20,12 @@ class LwfConfig(MethodConfig):
             not re-tuned for LwF).
     """
 
-    lr: float | None = field(default=None, metadata={"help": "Learning rate (None: the base method's default)."})
-    base: str = field(default="full_ft", metadata={"help": "full_ft or lora."})
     lwf_lambda: float = field(default=1.0, metadata={"help": "Weight of the distillation loss (paper: 1)."})
     temperature: float = field(default=2.0, metadata={"help": "Distillation temperature T (paper: 2)."})
 
     def __post_init__(self) -> None:
-        if self.base not in BASES:
-            raise ValueError(f"Invalid base: {self.base!r} (valid: {', '.join(BASES)})")
-        if self.lr is None:  # resolved here, so the record's method_config states the value used
-            self.lr = BASES[self.base]().lr
         super().__post_init__()
-        if not _number(self.lwf_lambda) or self.lwf_lambda < 0:
+        if not finite_number(self.lwf_lambda) or self.lwf_lambda < 0:
             raise ValueError(f"Invalid lwf_lambda: {self.lwf_lambda!r} (must be a finite number >= 0)")
-        if not _number(self.temperature) or self.temperature <= 0:
+        if not finite_number(self.temperature) or self.temperature <= 0:
             raise ValueError(f"Invalid temperature: {self.temperature!r} (must be a finite number > 0)")
-
-    def base_config(self) -> MethodConfig:
-        """The base method's config at its defaults, with this config's lr."""
-        return BASES[self.base](lr=self.lr)

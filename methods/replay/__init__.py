@@ -31,9 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.base import Method, Mixture, StageData, TaskInfo, register_method
-from methods.full_ft import FullFT
-from methods.lora import Lora
+from methods.base import Mixture, StageData, TaskInfo, register_method
+from methods.on_base import OnBase
 from methods.replay.config import ReplayConfig, ReplayGeneralConfig
 
 logger = logging.getLogger(__name__)
@@ -80,24 +79,16 @@ def unpack(t: dict[str, torch.Tensor]) -> list[Row]:
 
 
 @register_method("replay")
-class Replay(Method):
+class Replay(OnBase):
     """A base learner plus a buffer whose examples fill ``fraction`` of every batch."""
 
     config_cls = ReplayConfig
 
     def __init__(self, config: ReplayConfig | None = None) -> None:
         super().__init__(config)
-        base_cls = {"full_ft": FullFT, "lora": Lora}[self.config.base]
-        self.base = base_cls(self.config.base_config())
         self.buffer: list[Row] = []
         self.seen = 0
         self.stage_rows: list[Row] = []
-
-    def validate(self, module_names: set[str]) -> None:
-        self.base.validate(module_names)
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return self.base.wrap(model)
 
     def uses_general_text(self) -> bool:
         return self.config.source == "general"
@@ -132,15 +123,6 @@ class Replay(Method):
 
     def diagnostics(self, model: nn.Module) -> dict[str, Any]:
         return {"buffer_size": len(self.buffer), "examples_seen": self.seen}
-
-    def param_counts(self, model: nn.Module) -> dict[str, int]:
-        return self.base.param_counts(model)
-
-    def adapted_modules(self, model: nn.Module) -> list[str]:
-        return self.base.adapted_modules(model)
-
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        return self.base.eval_model(model)
 
 
 @register_method("replay_general")

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from methods.base import MethodConfig
-from methods.full_ft import FullFTConfig
-from methods.lora import LoraMethodConfig
+from methods.on_base import OnBaseConfig
 
-BASES = {"full_ft": FullFTConfig, "lora": LoraMethodConfig}
 SOURCES = ("tasks", "general")
 
 
 @dataclass
-class ReplayConfig(MethodConfig):
+class ReplayConfig(OnBaseConfig):
     """Hyper-parameters of experience replay.
 
     Args:
@@ -27,17 +24,11 @@ class ReplayConfig(MethodConfig):
             not re-tuned for replay).
     """
 
-    lr: float | None = field(default=None, metadata={"help": "Learning rate (None: the base method's default)."})
-    base: str = field(default="full_ft", metadata={"help": "full_ft or lora."})
     source: str = field(default="tasks", metadata={"help": "tasks (earlier stages) or general (general corpus)."})
     buffer_size: int = field(default=200, metadata={"help": "Examples kept in the replay buffer."})
     fraction: float = field(default=0.25, metadata={"help": "Share of every batch drawn from the buffer."})
 
     def __post_init__(self) -> None:
-        if self.base not in BASES:
-            raise ValueError(f"Invalid base: {self.base!r} (valid: {', '.join(BASES)})")
-        if self.lr is None:
-            self.lr = BASES[self.base]().lr
         super().__post_init__()
         if self.source not in SOURCES:
             raise ValueError(f"Invalid source: {self.source!r} (valid: {', '.join(SOURCES)})")
@@ -45,10 +36,6 @@ class ReplayConfig(MethodConfig):
             raise ValueError(f"Invalid buffer_size: {self.buffer_size!r} (must be an integer >= 1)")
         if not isinstance(self.fraction, (int, float)) or not 0.0 <= self.fraction < 1.0:
             raise ValueError(f"Invalid fraction: {self.fraction!r} (must be in [0, 1))")
-
-    def base_config(self):
-        """The base method's config at its defaults, with this config's lr."""
-        return BASES[self.base](lr=self.lr)
 
 
 @dataclass
