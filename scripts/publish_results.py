@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-BUILTIN = ["full_ft", "lora", "lora_mlp", "loramoe", "slim", "hilo"]
+BUILTIN = ["full_ft", "lora", "lora_mlp", "loramoe", "slim", "hilo", "replay", "replay_general", "ewc", "lwf", "olora", "dora"]
 # table -> (README marker, extra run options, one-line description of the setting)
 TABLES: dict[str, tuple[str, list[str], str]] = {
     "tiny-world": ("results", [], "the tiny-world model, every method at its default (chosen on tiny-world-val)"),
