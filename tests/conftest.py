@@ -48,9 +48,9 @@ def cache_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture
-def tiny_llama():
-    """A random 2-layer Llama (no download)."""
+def make_tiny_llama():
+    """A random 2-layer Llama (no download), the same weights at every call (peft wraps a model in place, so a
+    test that compares two runs builds one each)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -58,6 +58,12 @@ def tiny_llama():
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
     return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture
+def tiny_llama():
+    """:func:`make_tiny_llama`."""
+    return make_tiny_llama()
 
 
 # tiny-world v1 tasks that v2 removed, rebuilt locally where a test needs what they exercised (v2's classification

@@ -15,6 +15,7 @@ from benchmark.train import train_stage
 from methods import METHODS, TaskInfo
 from methods.lwf import TEACHER, Lwf, LwfConfig
 from methods.lwf.distill import distill_loss
+from tests.conftest import make_tiny_llama
 
 
 def _examples(n: int = 16, vocab: int = 100) -> list[Example]:
@@ -71,21 +72,11 @@ def test_distill_loss_by_hand():
     assert not s.grad[0, 1].any()  # the padded position gets none either
 
 
-def _llama():
-    """The conftest's tiny Llama, built afresh (peft wraps a model in place, so each run needs its own)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
-                                        max_position_embeddings=64))
-
-
 @pytest.mark.parametrize("base", ["full_ft", "lora"])
 def test_lambda_zero_is_plain_training_bit_for_bit(base):
     plain = METHODS.get(base)()
     lwf = Lwf(LwfConfig(base=base, lwf_lambda=0.0))
-    a, b = plain.wrap(_llama()), lwf.wrap(_llama())
+    a, b = plain.wrap(make_tiny_llama()), lwf.wrap(make_tiny_llama())
     for stage in (1, 2):
         torch.manual_seed(stage)
         _stage(plain, a, stage, steps=4, lr=1e-2)
@@ -100,7 +91,7 @@ def test_huge_lambda_keeps_the_outputs_at_the_teacher():
     results = {}
     for lam in (0.0, 1e4):
         method = Lwf(LwfConfig(base="full_ft", lwf_lambda=lam))
-        model = method.wrap(_llama())
+        model = method.wrap(make_tiny_llama())
         torch.manual_seed(0)
         _stage(method, model, 1, steps=5, lr=1e-2)
         teacher = _probe_logits(method, model)

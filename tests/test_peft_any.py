@@ -10,24 +10,14 @@ from benchmark.cli import main
 from methods import METHODS
 from methods.peft_any import DoraConfig, PeftAny, PeftAnyConfig
 from methods.peft_any.catalogue import valid_types
-
-
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
-                                        max_position_embeddings=64))
+from tests.conftest import make_tiny_llama
 
 
 def test_peft_at_its_defaults_is_the_lora_adapter():
     lora = METHODS.get("lora")()
     peft = PeftAny()
-    torch.manual_seed(1)
-    a = lora.wrap(_llama())
-    torch.manual_seed(1)
-    b = peft.wrap(_llama())
+    a = lora.wrap(make_tiny_llama())
+    b = peft.wrap(make_tiny_llama())
     sa, sb = lora.trainable_state(a), peft.trainable_state(b)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert peft.param_counts(b) == lora.param_counts(a)
@@ -36,7 +26,7 @@ def test_peft_at_its_defaults_is_the_lora_adapter():
 
 def test_dora_splits_each_weight_into_magnitude_and_direction():
     method = METHODS.get("dora")(DoraConfig(target_modules=["q_proj"]))
-    model = method.wrap(_llama())
+    model = method.wrap(make_tiny_llama())
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     w = layer.base_layer.weight.detach()
     m = layer.lora_magnitude_vector["default"].weight

@@ -78,7 +78,7 @@ class OLora(Lora):
         return lora_config(c.r, c.alpha, c.dropout, c.target_modules)
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        from peft import get_peft_model
+        from peft import get_peft_model  # deferred: every CLI call imports every method plugin
 
         present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         missing = [t for t in self.config.target_modules if t not in present]

@@ -27,7 +27,7 @@ def task_name(stage: int) -> str:
 
 def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str]):
     """The ``peft.LoraConfig`` every adapter of the model is built with."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # deferred: every CLI call imports every method plugin
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                       bias="none", task_type="CAUSAL_LM")

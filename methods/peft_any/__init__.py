@@ -101,7 +101,7 @@ class PeftAny(Lora):
     config_cls = PeftAnyConfig
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        from peft import get_peft_model
+        from peft import get_peft_model  # deferred: every CLI call imports every method plugin
 
         present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         missing = [t for t in self.config.target_modules if t not in present]
