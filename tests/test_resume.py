@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -122,7 +123,8 @@ def test_every_method_state_round_trips_through_a_stage_checkpoint(name, tmp_pat
     """What resume does: fresh base -> wrap -> load the saved state; the trainable state must come back equal."""
     import copy
 
-    from methods import METHODS
+    from benchmark.data import Example, collate
+    from methods import METHODS, StageData
     from methods.base import TaskInfo
 
     cls = METHODS.get(name)
@@ -131,6 +133,11 @@ def test_every_method_state_round_trips_through_a_stage_checkpoint(name, tmp_pat
     method = cls(cls.config_cls())
     model = method.wrap(tiny_llama)
     method.on_task_start(model, info)
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(ids, [-100] * 2 + ids[2:]) for ids in (torch.randint(0, 100, (6,), generator=g).tolist()
+                                                              for _ in range(4))]
+    # the stage's data, as the stage loop hands it over (a method may keep it: replay's buffer, EWC's Fisher)
+    method.on_stage_data(model, info, StageData(examples, lambda: list(examples), partial(collate, pad_id=0)))
     with torch.no_grad():  # stand-in for training: move every trainable tensor
         for p in model.parameters():
             if p.requires_grad:
