@@ -18,7 +18,8 @@ from benchmark.records import RunRecord, load_records, task_floors
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 TABLES = ("tiny-world", "smollm2-135m")
-METHODS = ("full_ft", "lora", "lora_mlp", "loramoe", "slim", "hilo")
+METHODS = ("full_ft", "lora", "lora_mlp", "loramoe", "slim", "hilo", "replay", "replay_general", "ewc", "lwf", "olora",
+           "dora")
 
 
 def _records(table: str) -> list[RunRecord]:
