@@ -21,7 +21,7 @@ TABLES = ("tiny-world", "smollm2-135m")
 CORE = ("full_ft", "lora", "lora_mlp", "loramoe", "slim", "hilo")
 BASELINES = ("replay", "replay_general", "ewc", "lwf", "olora", "dora")
 # the methods each table must hold; the SmolLM2 baselines join when their 18 runs are published (they resume)
-METHODS = {"tiny-world": CORE + BASELINES, "smollm2-135m": CORE}
+METHODS = {"tiny-world": CORE + BASELINES, "smollm2-135m": CORE + BASELINES}
 
 
 def _records(table: str) -> list[RunRecord]:
