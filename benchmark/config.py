@@ -22,6 +22,7 @@ from benchmark.errors import UserError
 from benchmark.precision import PRECISIONS, check_precision
 from benchmark.samples import check_log_samples
 from benchmark.shard import parse_shard
+from benchmark.sharding import SHARDINGS
 
 TINY_WORLD = "tiny-world"
 REFERENCES = ("joint",)  # upper-bound runs a plan can add (benchmark/reference.py)
@@ -105,8 +106,12 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # auto: bf16-mixed on a GPU with bf16, fp32 otherwise (benchmark/precision.py); the same for every method
     precision: str = "auto"
+    # none: every process holds the whole model (one process, or DDP); fsdp: FSDP2 (benchmark/sharding.py)
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
+        if self.sharding not in SHARDINGS:
+            raise UserError(f"invalid train.sharding: {self.sharding!r}; valid: {', '.join(SHARDINGS)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"invalid train.precision: {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         for k in ("lr", "lr_scale", "batch_size", "grad_accum", "max_seq_len", "steps_scale"):

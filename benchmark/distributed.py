@@ -14,11 +14,9 @@ model is not supported by it):
 The process group gets a long timeout (:data:`TIMEOUT`): waiting ranks sit in a collective for the whole of
 rank 0's evaluation, which on a real model and suite can take far longer than the 30-minute default.
 
-Sharded training (FSDP, DeepSpeed ZeRO-3) is refused with a one-line error: after a sharded stage no process
-holds the whole model, so rank 0 cannot evaluate it in memory, and re-wrapping a sharded module each stage is not
-possible. Supporting it needs evaluation from a gathered checkpoint (save the full state dict after the stage,
-rebuild base model + method adapters on rank 0, load, evaluate), which is left for later; until then a model
-too large for one GPU's DDP replica is run one (method, seed) per GPU group with ``--shard``.
+Sharded training is FSDP2 (``train.sharding: fsdp``, or an accelerate config with ``distributed_type: FSDP``
+and ``fsdp_version: 2``): :mod:`benchmark.sharding`, where evaluation runs on every process in lockstep instead
+of on rank 0. DeepSpeed, XLA and Megatron-LM are refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from benchmark.errors import UserError
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 TIMEOUT = timedelta(hours=24)
-UNSUPPORTED = {"FSDP", "DEEPSPEED", "XLA", "MEGATRON_LM"}
+UNSUPPORTED = {"DEEPSPEED", "XLA", "MEGATRON_LM"}
 
 
 def make_accelerator() -> Any:
@@ -52,10 +50,8 @@ def make_accelerator() -> Any:
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=TIMEOUT),
                                        DistributedDataParallelKwargs(find_unused_parameters=True)])
     if DistributedType(acc.distributed_type).name in UNSUPPORTED:
-        # sharded weights cannot be evaluated by rank 0 alone (see the module docstring)
-        raise UserError(f"accelerate distributed type {acc.distributed_type.value} is not supported: forgetbench "
-                        f"evaluates the whole model on rank 0, so every process must hold a full replica; use a "
-                        f"DDP config (examples/accelerate/ddp.yaml) or split the sweep with --shard K/N")
+        raise UserError(f"accelerate distributed type {acc.distributed_type.value} is not supported; valid: a DDP "
+                        f"config (examples/accelerate/ddp.yaml) or FSDP2 (examples/accelerate/fsdp.yaml)")
     return acc
 
 

@@ -244,7 +244,8 @@ def result_inputs(config: dict[str, Any], method: str, method_config: dict[str, 
     """
     train, ev = config.get("train"), config.get("eval")
     if isinstance(train, dict):
-        train = {k: v for k, v in train.items() if k != "precision"}
+        # sharding "none" is how every record before the option was made: absent and "none" are the same run
+        train = {k: v for k, v in train.items() if k != "precision" and not (k == "sharding" and v == "none")}
     if isinstance(ev, dict):  # per-sample logging changes no number (and records before 1.4 lack the key)
         ev = {k: v for k, v in ev.items() if k != "log_samples"}
     return {"model": config.get("model"), "train": train, "eval": ev, "precision": precision,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from benchmark.checkpoint import preserved_rng
 from benchmark.distributed import on_main
@@ -22,7 +23,7 @@ from benchmark.evalcache import EvalCache, eval_key, is_model_hash, model_hash
 from benchmark.evaluate import LM_EVAL_PREFIX, EvalResult, evaluate
 from benchmark.paths import cache_dir
 from benchmark.plan import Plan
-from benchmark.precision import autocast
+from benchmark.precision import autocast, default_device_type
 from benchmark.samples import samples_candidates, write_samples
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,12 @@ class Scores:
 
 
 def eval_settings(plan: Plan, model: Any) -> dict[str, Any]:
-    """Everything besides the model and the tasks that an evaluation's scores depend on (part of its cache key)."""
-    device = next(model.parameters()).device.type
+    """Everything besides the model and the tasks that an evaluation's scores depend on (part of its cache key).
+
+    ``model`` may be a function that builds the model (see :func:`cached_evaluation`): its device is then the
+    run's device.
+    """
+    device = next(model.parameters()).device.type if isinstance(model, nn.Module) else default_device_type()
     suite = plan.sequence.general
     return {"batch_size": plan.cfg.eval.batch_size, "limit": plan.cfg.eval.limit,
             "num_fewshot": suite.num_fewshot, "fewshot": suite.fewshot, "metrics": suite.metrics,
@@ -62,17 +67,23 @@ def cached_evaluation(plan: Plan, model: Any, tok: Any, model_key: str, out_dir:
                       what: str) -> Scores:
     """Scores of ``model`` on every task (through the content-keyed cache), leaving the RNG streams untouched.
 
-    With ``eval.log_samples`` on, the result also names its per-sample file (a path relative to ``out_dir``,
-    keyed like the cache entry; :mod:`benchmark.samples`). A cache hit without that file (an entry made with
-    samples off, or before they existed) is evaluated again to write it; the cached scores are kept.
+    ``model`` is the model, or a function that builds it (called only on a cache miss). With ``eval.log_samples``
+    on, the result also names its per-sample file (a path relative to ``out_dir``, keyed like the cache entry;
+    :mod:`benchmark.samples`). A cache hit without that file (an entry made with samples off, or before they
+    existed) is evaluated again to write it; the cached scores are kept. Under ``train.sharding: fsdp`` a miss is
+    evaluated by every process in lockstep on the sharded model (:func:`lockstep_evaluation`).
     """
     mode = plan.cfg.eval.log_samples
     # eval.log_samples is not part of the key: samples never change a score, so both settings share entries
     key, parts = eval_key(model_key, plan.tasks + plan.general, plan.general_builtin, eval_settings(plan, model))
     files = [] if mode == "none" else samples_candidates(out_dir, key, mode == "all" and bool(plan.general_builtin))
+    if plan.cfg.train.sharding == "fsdp":
+        with preserved_rng():
+            result, hit = lockstep_evaluation(plan, model, tok, key, parts, files, out_dir, label, what)
+        return Scores(result["scores"], result["n_examples"], 0.0 if hit else result["seconds"], result.get("samples"))
 
     def compute() -> dict[str, Any]:
-        res = evaluate_plan(plan, model, tok, mode)
+        res = evaluate_plan(plan, model if isinstance(model, nn.Module) else model(), tok, mode)
         seconds = res.seconds
         if files:
             t0 = time.perf_counter()
@@ -102,6 +113,46 @@ def cached_evaluation(plan: Plan, model: Any, tok: Any, model_key: str, out_dir:
         # several processes: rank 0 evaluates (and writes the cache) while the others wait; all get its result
         result, hit = on_main(lookup)
     return Scores(result["scores"], result["n_examples"], 0.0 if hit else result["seconds"], result.get("samples"))
+
+
+def lockstep_evaluation(plan: Plan, model: Any, tok: Any, key: str, parts: dict[str, Any], files: list[Path],
+                        out_dir: Path, label: str, what: str) -> tuple[dict[str, Any], bool]:
+    """(result, cache hit) for a sharded model: rank 0 looks the key up; on a miss every process evaluates.
+
+    Each process runs the same lm-eval requests in the same order, so every forward gathers the same block on
+    all of them (no process holds the whole model); rank 0 writes the samples file and the cache entry.
+    """
+    cache = EvalCache(cache_dir(out_dir))
+
+    def sample_file() -> dict[str, str]:
+        if not files:
+            return {}
+        return {"samples": next((f for f in files if f.is_file()), files[0]).relative_to(out_dir).as_posix()}
+
+    def find() -> dict[str, Any] | None:
+        hit = cache.get(key, parts, label)
+        if hit is None or (files and not any(f.is_file() for f in files)):
+            return None  # a hit without its samples file is evaluated again, as in an unsharded run
+        logger.info("%s: cache hit %s-%s", what, label, key[:12])
+        return {**hit, **sample_file()}
+
+    found = on_main(find)
+    if found is not None:
+        return found, True
+    built = model if isinstance(model, nn.Module) else model()
+    res = evaluate_plan(plan, built, tok, plan.cfg.eval.log_samples)
+    del built
+
+    def store() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if files:
+            write_samples(files[0], [row for rows in res.samples.values() for row in rows])
+        result = {"scores": res.scores, "n_examples": res.n_examples,
+                  "seconds": res.seconds + time.perf_counter() - t0}
+        cache.put(key, parts, result, label)
+        return {**result, **sample_file()}
+
+    return on_main(store), False
 
 
 def score_rows(plan: Plan, scores: dict[str, float]) -> tuple[list[float], list[float]]:

@@ -11,6 +11,7 @@ Continual runs and the joint reference (one pooled stage) run through this same 
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import random
@@ -34,9 +35,11 @@ from benchmark.locks import RunLock
 from benchmark.models import load_base, prepare_for_training
 from benchmark.paths import checkpoint_dir, lock_path, record_path
 from benchmark.plan import Plan, RunPlan, run_inputs
+from benchmark.precision import apply_policy, resolve_precision
 from benchmark.records import (Costs, RunRecord, StageRow, environment, finished_result, first_difference,
                                git_info, write_record)
 from benchmark.scoring import base_evaluation, cached_evaluation, peak_memory_mb, score_rows
+from benchmark.sharding import gather_into, shard_model
 from benchmark.train import train_stage
 from methods.base import StageData, TaskInfo
 from tasks.corpus import general_texts
@@ -160,9 +163,15 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
     seed_everything(seed)
     model, tok = load_base(cfg.model, base_path, plan.precision)
     base_hash = rec.base_model_hash = model_hash(model)  # before moving it: hashes CPU tensors
-    model.to(accelerator.device)
+    sharded = cfg.train.sharding == "fsdp"
+    if sharded:  # the base is scored on a sharded copy of its own, built only when the cache has no entry
+        base = base_evaluation(plan, partial(sharded_base, plan, base_path, accelerator.device), tok, base_hash,
+                               out_dir)
+    else:
+        model.to(accelerator.device)
     prepare_for_training(model, cfg.train.gradient_checkpointing)
-    base = base_evaluation(plan, model, tok, base_hash, out_dir)
+    if not sharded:
+        base = base_evaluation(plan, model, tok, base_hash, out_dir)
     method = run.cls(run.config)
     model = method.wrap(model)
     gen = torch.Generator().manual_seed(seed)
@@ -189,6 +198,13 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
     lr = cfg.train.method_lr(run.config.lr)
     # the budget the leaderboard shows next to the params; set on resume too (a checkpoint may predate them)
     rec.lr, rec.adapted_modules = lr, method.adapted_modules(model)
+    # sharded: rank 0 keeps an unsharded CPU twin that the gathered weights are loaded into after every stage,
+    # so the method's trainable_state / diagnostics and the checkpoint format are those of an unsharded run
+    twin = None
+    if sharded:
+        apply_policy(model, resolve_precision(cfg.train.precision, accelerator.device.type))  # FSDP fixes dtypes
+        twin = copy.deepcopy(model) if accelerator.is_main_process else None
+        model = shard_model(model, accelerator.device)
 
     @cache
     def general() -> list[Any]:  # encoded once per run, and only for a method that asks
@@ -207,8 +223,13 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
         stats = train_stage(model, method, examples, stage.steps, cfg.train, lr, gen, tok.pad_token_id,
                             accelerator, desc=f"{method_name} s{seed} {stage.name}", quiet=quiet)
         method.on_task_end(model, info)
-        state = method.trainable_state(model)
-        key = stage_model_key(base_hash, run.cls, run.method_config, state)
+        if sharded:
+            gather_into(model, twin)
+            state = method.trainable_state(twin) if twin is not None else {}
+            key = on_main(lambda: stage_model_key(base_hash, run.cls, run.method_config, state))
+        else:
+            state = method.trainable_state(model)
+            key = stage_model_key(base_hash, run.cls, run.method_config, state)
         res = cached_evaluation(plan, method.eval_model(model), tok, key, out_dir, "eval", f"stage {i} evaluation")
         r, g = score_rows(plan, res.scores)
         rec.R.append(r)
@@ -216,7 +237,8 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
         rec.stages.append(StageRow(stage=i, task=stage.name, steps=stats.steps, train_seconds=stats.seconds,
                                    eval_seconds=res.seconds, final_loss=stats.final_loss, tokens=stats.tokens,
                                    model_key=key, rank_model_keys=gather_objects(key), samples=res.samples))
-        rec.diagnostics.append({"stage": i, **method.diagnostics(model)})
+        rec.diagnostics.append({"stage": i, **(on_main(lambda: method.diagnostics(twin)) if sharded
+                                               else method.diagnostics(model))})
         if accelerator.is_main_process:  # the resume point: written after the stage's rows are in the record
             checkpoint.save_stage(ckpt_dir, i, state, gen, {
                 "run_id": run.run_id, "inputs": inputs, "base_model_hash": base_hash, "record": rec.to_dict(),
@@ -226,6 +248,12 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
                     " ".join(f"{t.name}={v:.1f}" for t, v in zip(plan.tasks, r)),
                     float(np.mean(g)) if g else float("nan"), float(np.mean(rec.G[0])) if g else float("nan"),
                     stats.seconds, res.seconds)
+
+
+def sharded_base(plan: Plan, base_path: Path | None, device: torch.device) -> Any:
+    """A fresh copy of the base model, sharded over every process (for the stage-0 evaluation)."""
+    model, _ = load_base(plan.cfg.model, base_path, plan.precision)
+    return shard_model(model, device)
 
 
 def _free_memory() -> None:

@@ -17,6 +17,7 @@ from benchmark.config import TrainConfig
 from benchmark.data import Example, batches
 from benchmark.distributed import wrap_for_training
 from benchmark.precision import apply_policy, autocast, resolve_precision
+from benchmark.sharding import is_sharded, set_gradient_sync
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +107,16 @@ def train_stage(
     policy = resolve_precision(cfg.precision, accelerator.device.type)
     apply_policy(model, policy)  # before the optimizer exists: its state takes the trainable parameters' dtype
     inner = model
-    if world > 1:
+    sharded = is_sharded(model)  # FSDP2: sharded once per run by the stage loop (benchmark/sharding.py)
+    if world > 1 and not sharded:
         model = wrap_for_training(accelerator, model)  # wrap first: the optimizer must see the wrapped parameters
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the method left no trainable parameter")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, steps)
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    if not sharded:  # accelerate's FSDP2 prepare wants the model with the optimizer; the model is sharded already
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     model.train()
     t0, losses, tokens = time.perf_counter(), [], 0
     bar = tqdm(total=steps, desc=desc, leave=False, disable=quiet or not accelerator.is_main_process)
@@ -127,7 +130,10 @@ def train_stage(
             # DDP averages gradients over processes: weighting by rows * world / batch gives the batch mean
             weight = part["input_ids"].shape[0] * world / batch["input_ids"].shape[0]
             # all-reduce once per optimiser step, not once per micro-batch
-            sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else accelerator.no_sync(model)
+            last = m == cfg.grad_accum - 1
+            if sharded:
+                set_gradient_sync(model, last)
+            sync = contextlib.nullcontext() if world == 1 or last or sharded else accelerator.no_sync(model)
             with sync, method.forward_context(inner, part):
                 with autocast(policy, accelerator.device.type):
                     out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
@@ -142,7 +148,10 @@ def train_stage(
             step_loss += loss.item() * weight
             tokens += int(part["attention_mask"].sum())
         if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            if sharded:  # torch's clipping takes the norm over every shard (DTensor gradients)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                accelerator.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -26,6 +26,8 @@ from benchmark.paths import checkpoint_dir, record_path
 from benchmark.plan import Plan, make_plan, run_inputs
 from benchmark.records import finished_result, first_difference
 from benchmark.reference import all_runs
+from benchmark.sharding import check_launch, resolve_sharding
+from methods import METHODS
 from tasks import SUITES
 from tasks.templates import compiled_template
 
@@ -42,6 +44,7 @@ def validate(cfg: ExperimentConfig, force: bool = False) -> Plan:
         check_method(name, cls, mcfg, names)
         if cls(mcfg).uses_general_text():
             check_corpus(name, plan)
+    check_sharding(plan)
     for spec in plan.tasks + plan.general:
         check_task_data(spec)
     check_existing(plan, force)
@@ -111,6 +114,24 @@ def check_method(name: str, cls: type, mcfg: Any, module_names: set[str]) -> Non
         hook(module_names)
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"methods.{name}: {exc.args[0] if exc.args else exc}") from exc
+
+
+def check_sharding(plan: Plan) -> None:
+    """Under FSDP only shardable methods run, and only under a launcher.
+
+    An accelerate FSDP launch config turns ``train.sharding`` to ``fsdp`` here, so the record says how the run
+    was made (and a checkpoint of an unsharded run is not resumed sharded without notice).
+    """
+    cfg = plan.cfg
+    cfg.train.sharding = resolve_sharding(cfg.train.sharding)
+    if cfg.train.sharding != "fsdp":
+        return
+    refused = [n for n, (cls, _) in plan.methods.items() if not cls.shardable]
+    if refused:
+        able = [n for n in METHODS.names() if METHODS.get(n).shardable]
+        raise UserError(f"train.sharding=fsdp: method(s) {', '.join(refused)} cannot run sharded (they need whole "
+                        f"parameters or add parameters mid-run); methods that can: {', '.join(able)}")
+    check_launch(cfg.train.sharding)
 
 
 def check_corpus(name: str, plan: Plan) -> None:

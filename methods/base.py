@@ -98,6 +98,9 @@ class Method(ABC):
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    # whether the method runs under train.sharding=fsdp (benchmark/sharding.py): its hooks never need a whole
+    # parameter outside a block's forward, and it adds no parameter after wrap. Off unless a test shows it works.
+    shardable: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()

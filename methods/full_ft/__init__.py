@@ -25,6 +25,7 @@ class FullFT(Method):
     """Train all weights; the checkpointed state is the whole model."""
 
     config_cls = FullFTConfig
+    shardable = True  # tests/test_fsdp.py
 
     def wrap(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():

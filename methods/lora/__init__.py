@@ -52,6 +52,7 @@ class Lora(Method):
     """A single ``peft`` LoRA adapter trained through every stage; the base weights stay frozen."""
 
     config_cls = LoraMethodConfig
+    shardable = True  # tests/test_fsdp.py
 
     def validate(self, module_names: set[str]) -> None:
         # peft matches a list entry against the end of a module's dotted name

@@ -71,6 +71,7 @@ class OLora(Lora):
     """A new LoRA adapter per stage, kept orthogonal (in A) to the frozen adapters of the earlier stages."""
 
     config_cls = OLoraConfig
+    shardable = False  # adds an adapter every stage: parameters FSDP did not shard
 
     def peft_config(self):
         """The ``peft.LoraConfig`` of every adapter."""

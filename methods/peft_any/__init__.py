@@ -99,6 +99,7 @@ class PeftAny(Lora):
     """One ``peft`` adapter of any supported type, trained through every stage; the base weights stay frozen."""
 
     config_cls = PeftAnyConfig
+    shardable = False  # adapter types differ (shared buffers, rank reallocation); none is tested sharded
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from peft import get_peft_model  # deferred: every CLI call imports every method plugin

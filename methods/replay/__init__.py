@@ -83,6 +83,7 @@ class Replay(OnBase):
     """A base learner plus a buffer whose examples fill ``fraction`` of every batch."""
 
     config_cls = ReplayConfig
+    shardable = True  # only mixes rows into batches; its base (full_ft or lora) is shardable (tests/test_fsdp.py)
 
     def __init__(self, config: ReplayConfig | None = None) -> None:
         super().__init__(config)
