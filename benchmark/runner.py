@@ -15,6 +15,7 @@ import torch
 from benchmark.builtin_models import ensure_builtin, is_builtin
 from benchmark.config import TINY_WORLD, ExperimentConfig
 from benchmark.distributed import make_accelerator
+from benchmark.errors import UserError
 from benchmark.leaderboard import write_all
 from benchmark.locks import exclusive
 from benchmark.models import tinyworld_path
@@ -67,13 +68,18 @@ def write_leaderboard(out_dir: Path) -> Any:
         return write_all(out_dir)
 
 
-def run_experiment(cfg: ExperimentConfig, quiet: bool = False, force: bool = False, plan: Plan | None = None) -> int:
+def run_experiment(cfg: ExperimentConfig, quiet: bool = False, force: bool = False, plan: Plan | None = None,
+                   only: str | None = None) -> int:
     """Run the whole plan; returns the process exit code (1 when any run failed).
 
     ``plan`` is the result of :func:`benchmark.validate.validate` (done here when not given): nothing is
-    written before the whole configuration has been checked.
+    written before the whole configuration has been checked. ``only``: run just the run of this id (one job of
+    :mod:`benchmark.launch`; a joint reference cannot be singled out by ``methods`` and ``seeds`` alone).
     """
     plan = plan if plan is not None else validate(cfg, force=force)
+    runs = [r for r in all_runs(plan) if only is None or r.run_id == only]
+    if only is not None and not runs:
+        raise UserError(f"run {only!r} is not in the plan of this configuration")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(cfg.output)
@@ -83,7 +89,6 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False, force: bool = Fal
     with accelerator.main_process_first():
         base_path = base_model_path(plan, quiet)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = all_runs(plan)
     failed = []
     for run in runs:
         rec = run_one(plan, run, base_path, out_dir, accelerator, quiet=quiet, force=force)
