@@ -74,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run a reference per seed: 'joint' = multi-task training on all tasks (upper bound, "
                           "gives intransigence)")
 
+    launch = run.add_argument_group("launcher", "one job per run (method x seed, and reference), each into "
+                                    "OUTPUT/jobs/<run_id>/, then one leaderboard in OUTPUT from all of them")
+    launch.add_argument("--launcher", choices=["none", "local", "slurm"], default="none",
+                        help="none: every run in this process (default); local: one submitit job per run, one "
+                             "after another on this machine; slurm: submit the jobs and a merge job, and return")
+    launch.add_argument("--slurm-partition", metavar="P", help="SLURM partition of the jobs (default: the cluster's)")
+    launch.add_argument("--gpus-per-run", type=int, metavar="G",
+                        help="GPUs of each job (default 1; 0: none); G > 1: G processes on one node, one per GPU "
+                             "(on a CPU-only machine with --launcher local: G gloo processes), data-parallel")
+    launch.add_argument("--slurm-time", type=int, metavar="MINUTES", help="time limit of each job (default 240)")
+    launch.add_argument("--slurm-set", action="append", metavar="KEY=VALUE",
+                        help="any parameter of submitit's SlurmExecutor (sbatch options: mem=64G, qos=high, "
+                             "account=..., cpus_per_task=8, 'setup=[\"source .venv/bin/activate\"]'; repeatable)")
+
     ls = sub.add_parser("ls", help="list registered methods, tasks or sequences and where each came from")
     ls.add_argument("what", choices=["methods", "tasks", "sequences", "suites"])
 
@@ -135,7 +149,9 @@ def run_config(args: argparse.Namespace) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.config import load_yaml
+    from benchmark.launch import launch_options
 
+    launch = launch_options(args.launcher, args.slurm_partition, args.gpus_per_run, args.slurm_time, args.slurm_set)
     if not _needs_network(args, load_yaml(args.config) if args.config else {}):
         for k, v in OFFLINE_VARS.items():
             os.environ.setdefault(k, v)
@@ -148,6 +164,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.validate import validate
 
     plan = validate(cfg, force=args.force)  # every check before anything is written
+    if launch is not None:
+        from benchmark.launch import describe_jobs, sweep
+
+        if args.dry_run:
+            print(describe(plan) + "\n" + describe_jobs(plan, launch, args.force))
+            return 0
+        rc, summary = sweep(plan, launch, args.force, logging.getLogger().getEffectiveLevel())
+        print(summary)
+        return rc
     if args.dry_run:
         print(describe(plan))
         return 0

@@ -74,7 +74,7 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False, force: bool = Fal
 
     ``plan`` is the result of :func:`benchmark.validate.validate` (done here when not given): nothing is
     written before the whole configuration has been checked. ``only``: run just the run of this id (one job of
-    :mod:`benchmark.launch`; a joint reference cannot be singled out by ``methods`` and ``seeds`` alone).
+    :mod:`benchmark.jobs`; a joint reference cannot be singled out by ``methods`` and ``seeds`` alone).
     """
     plan = plan if plan is not None else validate(cfg, force=force)
     runs = [r for r in all_runs(plan) if only is None or r.run_id == only]

@@ -126,7 +126,8 @@ LAYERS = {
         "benchmark.samples"},
     3: {"benchmark.plan", "benchmark.scoring", "benchmark.stages", "benchmark.reference"},
     4: {"benchmark.validate", "benchmark.runner", "benchmark.metrics", "benchmark.leaderboard", "benchmark.plots",
-        "benchmark.report", "benchmark.prepare", "benchmark.cli", "benchmark.__main__"},
+        "benchmark.report", "benchmark.prepare", "benchmark.jobs", "benchmark.launch", "benchmark.cli",
+        "benchmark.__main__"},
 }
 
 
