@@ -13,15 +13,18 @@ Design:
   forward gathers one block at a time and no process ever holds the whole model; rank 0 keeps the result
   (:func:`benchmark.scoring.cached_evaluation`). Generation sets transformers' FSDP flag, so ``generate``
   keeps all processes stepping together (``synced_gpus``).
-- **Checkpoints and cache keys** take the trainable state as full tensors, gathered one tensor at a time to
-  rank 0's CPU memory (:func:`full_state`): the checkpoint format is the one of an unsharded run, so a sharded
-  run can be resumed by any number of processes, and a resume is exact as far as the backend is deterministic.
+- **Checkpoints and cache keys**: after every stage the full weights are gathered, one tensor at a time, into
+  an unsharded CPU copy of the wrapped model that rank 0 keeps (:func:`gather_into`); the method's own
+  ``trainable_state`` and ``diagnostics`` read that copy. The checkpoint format is the one of an unsharded run,
+  so a sharded run resumes (loaded into the unsharded model, then sharded again) bit-identically on the CPU
+  (tests/test_fsdp.py), with any number of processes.
 - **The stage-0 (base) evaluation** shards a separate copy of the base model, built only when the evaluation
   cache has no entry for it; it is freed before training starts.
 
 Memory: every process loads the base weights into host RAM once before sharding (and once more for a base
-evaluation that is not cached); rank 0 additionally holds the gathered trainable state in host RAM while it is
-checkpointed and hashed. Methods whose hooks need the full parameters (a frozen teacher, Fisher penalties,
+evaluation that is not cached); rank 0 keeps the unsharded CPU copy (the whole model in its training dtypes) in
+host RAM for the whole run. On the GPUs each process holds 1/N of the parameters, gradients and AdamW state,
+plus one or two gathered blocks at a time. Methods whose hooks need the full parameters (a frozen teacher, Fisher penalties,
 adapters added mid-run) declare ``shardable = False`` and are refused before any work.
 
 ``accelerate launch`` with ``distributed_type: FSDP`` and ``fsdp_version: 2`` turns this on as well; accelerate
@@ -126,8 +129,21 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
         if hasattr(module, "generate") and hasattr(module, "config"):
             # transformers' generate reads this flag to keep every process stepping until all have finished
             module._is_fsdp_managed_module = True
-    logger.info("sharded %d blocks (%s) and the root over %d processes", n, ", ".join(sorted(blocks)), world)
+    local, full = shard_bytes(model)
+    logger.info("sharded %d blocks (%s) and the root over %d processes: %.1f of %.1f MB of parameters here", n,
+                ", ".join(sorted(blocks)), world, local / 2**20, full / 2**20)
     return model
+
+
+def shard_bytes(model: nn.Module) -> tuple[int, int]:
+    """(parameter bytes this process holds, bytes of the whole model's parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    local = full = 0
+    for p in model.parameters():
+        full += p.numel() * p.element_size()
+        local += (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+    return local, full
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -9,14 +9,24 @@ method failed, or kept a trainable parameter that is not fp32 under ``bf16-mixed
 
     python scripts/gpu_smoke.py                         # on a GPU machine
     python scripts/gpu_smoke.py --tiny --steps 1        # the same code path on a CPU, with a 2-layer model
+    python scripts/gpu_smoke.py --fsdp 8                # FSDP2 vs DDP: a short tiny-world run on 8 processes
+
+``--fsdp N`` runs ``python -m benchmark run`` (full_ft and lora, a small tiny-world recipe) under ``torchrun``
+with N processes twice, data-parallel and with ``train.sharding=fsdp``, and prints per run: status, peak
+memory per process and the final losses side by side (they agree up to the reductions' rounding). Exits 1 when
+a run failed or the losses differ by more than 1e-3 relative. On a CPU it runs over gloo.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -74,6 +84,44 @@ def smoke(method_name: str, shape: dict, steps: int, batch: int, seq_len: int, p
             "final_loss": stats.final_loss, "finite": bool(torch.isfinite(torch.tensor(stats.final_loss)))}
 
 
+FSDP_RECIPE = ["model.pretrain.hidden_size=64", "model.pretrain.num_layers=2", "model.pretrain.num_heads=4",
+               "model.pretrain.intermediate_size=128", "model.pretrain.vocab_size=400", "model.pretrain.max_steps=50",
+               "train.max_steps=20", "train.batch_size=16", "eval.limit=20", "eval.batch_size=16"]
+
+
+def fsdp_check(processes: int) -> int:
+    """DDP and FSDP2 runs of the same plan on ``processes`` processes; 1 when a run failed or their losses differ."""
+    bad, results = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for sharding in ("none", "fsdp"):
+            out = Path(tmp) / sharding
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                   "-m", "benchmark", "-q", "run", "--methods", "full_ft,lora", "--output", str(out),
+                   "--set", f"train.sharding={sharding}"] + [a for s in FSDP_RECIPE for a in ("--set", s)]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                bad.append(f"{sharding}: exit {proc.returncode}: {proc.stderr[-2000:]}")
+                continue
+            for f in sorted((out / "runs").glob("*.json")):
+                rec = json.loads(f.read_text())
+                results[(sharding, rec["method"])] = rec
+                print(f"{sharding:<5} {rec['method']:<8} {rec['status']:<8} peak {rec['costs']['peak_memory_mb']:8.0f} "
+                      f"MB/process  losses {[round(s['final_loss'], 5) for s in rec['stages']]}  "
+                      f"({time.perf_counter() - t0:.0f} s for the pair)")
+                if rec["status"] != "success":
+                    bad.append(f"{sharding} {rec['method']}: {rec.get('error')}")
+    for method in ("full_ft", "lora"):
+        a, b = results.get(("none", method)), results.get(("fsdp", method))
+        if a and b:
+            for sa, sb in zip(a["stages"], b["stages"]):
+                if abs(sa["final_loss"] - sb["final_loss"]) > 1e-3 * abs(sa["final_loss"]):
+                    bad.append(f"{method} stage {sa['stage']}: DDP loss {sa['final_loss']} vs FSDP {sb['final_loss']}")
+    for line in bad:
+        print(f"FAIL {line}", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def main() -> int:
     from methods import METHODS
 
@@ -84,7 +132,10 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of the same architecture (CPU check)")
+    p.add_argument("--fsdp", type=int, metavar="N", help="instead: DDP vs FSDP2 runs on N processes (see above)")
     args = p.parse_args()
+    if args.fsdp:
+        return fsdp_check(args.fsdp)
     names = args.methods.split(",") if args.methods else METHODS.names()
     shape = TINY if args.tiny else QWEN25_05B
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
