@@ -123,7 +123,7 @@ LAYERS = {
     2: {"benchmark.config", "benchmark.records", "benchmark.tables", "benchmark.tokens", "benchmark.data",
         "benchmark.evaluate", "benchmark.models", "benchmark.builtin_models", "benchmark.train",
         "benchmark.precision", "benchmark.evalcache", "benchmark.checkpoint", "benchmark.distributed",
-        "benchmark.samples"},
+        "benchmark.samples", "benchmark.sharding"},
     3: {"benchmark.plan", "benchmark.scoring", "benchmark.stages", "benchmark.reference"},
     4: {"benchmark.validate", "benchmark.runner", "benchmark.metrics", "benchmark.leaderboard", "benchmark.plots",
         "benchmark.report", "benchmark.prepare", "benchmark.jobs", "benchmark.launch", "benchmark.cli",

@@ -30,7 +30,7 @@ from tests.conftest import TINY_RUN, make_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = [s for s in TINY_RUN if not s.startswith(("train.max_steps", "eval.limit"))] + [
-    "train.max_steps=30", "eval.limit=4", "num_threads=1"]
+    "train.max_steps=30", "eval.limit=4", "num_threads=1", "train.grad_accum=2"]  # 2 micro-batches: gradient sync
 LIMIT = 4
 LORA = "lora--tiny-world--tiny-world--seed0"
 
@@ -117,6 +117,8 @@ def _cmd(out: Path, methods: str, processes: int, sharding: str = "fsdp") -> lis
     if processes > 1:
         cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                     "-m", "benchmark"]
+    if sharding == "fsdp":  # recomputing activations inside the sharded blocks must not change a number
+        cmd += ["--set", "train.gradient_checkpointing=true"]
     for s in SETTINGS:
         cmd += ["--set", s]
     return cmd
