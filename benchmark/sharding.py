@@ -106,7 +106,11 @@ def _holder(model: nn.Module) -> nn.Module:
 def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     """``fully_shard`` every transformer block, then the root, over all processes (in place; returns ``model``)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as exc:  # public from torch 2.6 on
+        raise UserError(f"train.sharding=fsdp needs torch >= 2.6 (FSDP2); this is torch {torch.__version__}") from exc
 
     blocks = _block_classes(model)
     if not blocks:
