@@ -182,6 +182,12 @@ def gather_into(model: nn.Module, twin: nn.Module | None) -> None:
 
 def check_launch(sharding: str) -> None:
     """Sharding needs a process group, i.e. a launcher (``torchrun``, ``accelerate launch``; one process is fine)."""
-    if sharding == "fsdp" and "WORLD_SIZE" not in os.environ:
+    if sharding != "fsdp":
+        return
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401 -- public from torch 2.6 on
+    except ImportError as exc:
+        raise UserError(f"train.sharding=fsdp needs torch >= 2.6 (FSDP2); this is torch {torch.__version__}") from exc
+    if "WORLD_SIZE" not in os.environ:
         raise UserError("train.sharding=fsdp needs a distributed launch: run under torchrun or accelerate launch "
                         "(e.g. accelerate launch --config_file examples/accelerate/fsdp.yaml -m benchmark run ...)")
