@@ -19,6 +19,10 @@ exactly), except
   weights and scores stay the same. The weights are checked through what they produce: every score of R and G,
   every stage's final loss and token count, the diagnostics and the base model's weight hash.
 
+CPU results depend on the instruction set torch's kernels use (``env.cpu_capability``: AVX2, AVX512): records
+made on an AVX2 machine are reproduced on an AVX512 one with ``ATEN_CPU_CAPABILITY=avx2`` and a fresh
+``FORGETBENCH_CACHE`` (the tiny-world base is pretrained again under it); the script says so when they differ.
+
 Lists of per-stage entries (``stages``, ``diagnostics``) are matched by their ``stage`` number, so an entry only
 one side has is named as such. Exit status 0 when every compared record is identical, 1 otherwise, 2 on bad input.
 """
@@ -90,15 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     first = {f.name: f for f in sorted(runs[0].glob("*.json"))}
     second = {f.name: f for f in sorted(runs[1].glob("*.json"))}
     common = sorted(set(first) & set(second))
-    bad = 0
+    bad, capabilities = 0, set()
     for name in common:
-        diffs = differences(json.loads(first[name].read_text()), json.loads(second[name].read_text()))
+        a, b = json.loads(first[name].read_text()), json.loads(second[name].read_text())
+        capabilities.add(((a.get("env") or {}).get("cpu_capability"), (b.get("env") or {}).get("cpu_capability")))
+        diffs = differences(a, b)
         added = [d for d in diffs if d.endswith(": only in second")] if args.allow_added else []
         diffs = [d for d in diffs if d not in added]
         print(f"{'identical' if not diffs else 'DIFFERENT'}  {name}" + (f" (+ {len(added)} added)" if added else ""))
         for d in diffs[:20] + [f"added {d.removesuffix(': only in second')}" for d in added]:
             print(f"    {d}")
         bad += bool(diffs)
+    for want, got in sorted(c for c in capabilities if c[0] and c[1] and c[0] != c[1]):
+        # torch picks its CPU kernels by instruction set, and their float results differ: rerun under the same one
+        print(f"note: records made with CPU capability {want}, compared ones with {got}; rerun with "
+              f"ATEN_CPU_CAPABILITY={want.lower()} (and a fresh FORGETBENCH_CACHE) to reproduce them exactly")
     missing = sorted(set(first) - set(second))
     print(f"{len(common)} records compared: {len(common) - bad} identical, {bad} different; "
           f"{len(missing)} of the first folder's records not in the second")
