@@ -28,6 +28,7 @@ TINY_WORLD = "tiny-world"
 REFERENCES = ("joint",)  # upper-bound runs a plan can add (benchmark/reference.py)
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 SCHEDULERS = ("constant", "cosine", "linear")
+KEEP_WEIGHTS = ("auto", "none", "final", "all")  # benchmark/weights.py
 
 
 def check_reference(name: str | None) -> None:
@@ -159,6 +160,9 @@ class ExperimentConfig:
     shard: str | None = None  # "K/N": run only the K-th of N round-robin slices of the (method x seed) plan
     data_dir: str | None = None  # prepared datasets (python -m benchmark prepare); default $FORGETBENCH_DATA
     data_roots: dict[str, str] = field(default_factory=dict)  # local dataset folders, e.g. {trace: /data/TRACE}
+    # which stages' trainable state outlives a finished run (benchmark/weights.py); auto: final, or none for a
+    # method that trains every parameter. Changes no number: at the top level, outside the result inputs
+    keep_weights: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -179,6 +183,8 @@ class ExperimentConfig:
         except ValueError as exc:
             raise UserError(str(exc)) from exc
         check_reference(self.reference)
+        if self.keep_weights not in KEEP_WEIGHTS:
+            raise UserError(f"invalid keep_weights: {self.keep_weights!r}; valid: {', '.join(KEEP_WEIGHTS)}")
         if self.shard is not None:
             parse_shard(self.shard)
 

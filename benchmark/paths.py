@@ -43,6 +43,11 @@ def checkpoint_dir(out_dir: str | Path, run_id: str) -> Path:
     return under(out_dir, "checkpoints", safe_component(run_id))
 
 
+def weights_dir(out_dir: str | Path, run_id: str) -> Path:
+    """``DIR/weights/<run_id>/`` (holds ``stage-<k>/`` folders of kept trainable states, ``--keep-weights``)."""
+    return under(out_dir, "weights", safe_component(run_id))
+
+
 def lock_path(out_dir: str | Path, name: str) -> Path:
     """``DIR/locks/<name>.lock``."""
     return under(out_dir, "locks", f"{safe_component(name)}.lock")

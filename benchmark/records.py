@@ -118,6 +118,8 @@ def _to_mapping(obj: Any) -> dict[str, Any]:
             continue
         if isinstance(value, list):
             value = [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
+        elif isinstance(value, dict):
+            value = {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in value.items()}
         out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
     return {**out, **obj.extra}
 
@@ -165,6 +167,37 @@ class Costs:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_mapping(self)
+
+
+@dataclass
+class ExtraSuite:
+    """Scores of a run's kept weights on a general suite it was not run with (``python -m benchmark evaluate``).
+
+    ``G[n]`` is the suite's row after stage ``stages[n]`` (stage 0: the base model), in the order of ``tasks``;
+    only stages whose weights were kept are there. ``suite_id`` is ``name@hash`` over the tasks' content, as a
+    ``sequence_id``: scores of another version of the suite replace these.
+    """
+
+    suite_id: str | None = None
+    tasks: list[str] = field(default_factory=list)
+    floor: list[float | None] = field(default_factory=list)  # measured floor of each task (None: unknown)
+    metric_names: dict[str, str] = field(default_factory=dict)
+    stages: list[int] = field(default_factory=list)
+    G: list[list[float | None]] = field(default_factory=list)
+    model_keys: list[str | None] = field(default_factory=list)  # the model scored at each of ``stages``
+    n_examples: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExtraSuite:
+        return _from_mapping(cls, data, {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_mapping(self)
+
+
+def _extra_suites(value: Any) -> dict[str, ExtraSuite]:
+    return {k: ExtraSuite.from_dict(v) for k, v in (value or {}).items() if isinstance(v, dict)}
 
 
 def _stage_rows(value: Any) -> list[StageRow]:
@@ -218,9 +251,11 @@ class RunRecord:
     adapted_modules: list[str] | None = field(default=None, metadata=OMIT)
     kind: str = field(default="method", metadata=OMIT)  # one of KINDS
     traceback: str | None = field(default=None, metadata=OMIT)
+    kept_weights: list[int] | None = field(default=None, metadata=OMIT)  # stages under weights/<run_id>/
+    extra_general: dict[str, ExtraSuite] = field(default_factory=dict, metadata=OMIT)  # suite name -> scores
     extra: dict[str, Any] = field(default_factory=dict)  # fields of other versions, written back unchanged
 
-    NESTED: ClassVar[dict[str, Any]] = {"stages": _stage_rows, "costs": _costs}
+    NESTED: ClassVar[dict[str, Any]] = {"stages": _stage_rows, "costs": _costs, "extra_general": _extra_suites}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunRecord:

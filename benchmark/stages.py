@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmark import checkpoint
+from benchmark import checkpoint, weights
 from benchmark.builtin_models import model_label, model_source
 from benchmark.data import collate, encode_task, encode_texts
 from benchmark.distributed import gather_objects, on_main
@@ -91,6 +91,7 @@ def run_one(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path, acc
             return done
         if force:
             checkpoint.remove(ckpt_dir)
+            weights.remove(out_dir, run.run_id)  # kept by the run being redone
         checkpoint.clean_temp(ckpt_dir)
         return "go"
 
@@ -174,6 +175,8 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
         base = base_evaluation(plan, model, tok, base_hash, out_dir)
     method = run.cls(run.config)
     model = method.wrap(model)
+    counts = method.param_counts(model)  # before sharding: a sharded model's parameters are slices
+    keep = weights.resolve_keep(cfg.keep_weights, counts["trainable"], sum(p.numel() for p in model.parameters()))
     gen = torch.Generator().manual_seed(seed)
     ck = checkpoint.load_latest(ckpt_dir)
     done = 0
@@ -191,7 +194,7 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
         rec.G.append(g0)
         rec.n_examples = base.n_examples
         rec.base_samples = base.samples  # stage 0 has no entry in "stages" (it trains nothing): named here
-        rec.costs = Costs.from_dict({f"{k}_params": v for k, v in method.param_counts(model).items()})
+        rec.costs = Costs.from_dict({f"{k}_params": v for k, v in counts.items()})
         rec.diagnostics.append({"stage": 0, **method.diagnostics(model)})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -239,6 +242,12 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
                                    model_key=key, rank_model_keys=gather_objects(key), samples=res.samples))
         rec.diagnostics.append({"stage": i, **(on_main(lambda: method.diagnostics(twin)) if sharded
                                                else method.diagnostics(model))})
+        if weights.keeps_stage(keep, i, len(run.stages)):  # before the checkpoint, whose record says so
+            if accelerator.is_main_process:
+                kept = weights.save(out_dir, weights.KeptStage(run.run_id, i, key, base_hash, run.method,
+                                                               run.method_config), state)
+                logger.info("[%s seed %d] kept the weights of stage %d in %s", method_name, seed, i, kept)
+            rec.kept_weights = sorted(set(rec.kept_weights or []) | {i})
         if accelerator.is_main_process:  # the resume point: written after the stage's rows are in the record
             checkpoint.save_stage(ckpt_dir, i, state, gen, {
                 "run_id": run.run_id, "inputs": inputs, "base_model_hash": base_hash, "record": rec.to_dict(),
