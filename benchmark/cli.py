@@ -1,4 +1,5 @@
-"""Command line: ``python -m benchmark {run,ls,leaderboard}`` (argparse subcommands, comma-separated lists).
+"""Command line: ``python -m benchmark {run,ls,leaderboard,prepare,evaluate}`` (argparse subcommands,
+comma-separated lists).
 
 Each command imports what it needs inside its function, on purpose: ``--help``, ``ls`` and bad input answer in
 a fraction of a second instead of the seconds torch, transformers and lm-eval take to import; and ``run`` and
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(method x seed) plan, e.g. 1/4 on the first of four machines")
     how.add_argument("--data-dir", metavar="DIR", help="prepared datasets (from `prepare`; default "
                      "$FORGETBENCH_DATA or ~/.cache/forgetbench/data)")
+    how.add_argument("--keep-weights", choices=["none", "final", "all"],
+                     help="keep the trainable state (adapters only for PEFT methods) of no stage, the final one or "
+                          "every one under OUTPUT/weights/<run_id>/, for `evaluate` (default: final; none for a "
+                          "method that trains every parameter, a full model per stage)")
     how.add_argument("--reference", metavar="KIND",
                      help="also run a reference per seed: 'joint' = multi-task training on all tasks (upper bound, "
                           "gives intransigence)")
@@ -106,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="rebuild the leaderboard, CSVs and plots from run records")
     lb.add_argument("--results", nargs="+", required=True, help="result directories to merge")
     lb.add_argument("--output", help="where to write (default: the first results directory)")
+
+    ev = sub.add_parser("evaluate",
+                        help="re-score the kept weights of every run of a results folder on another suite, without "
+                             "training; the scores join the records (extra_general) and the leaderboard is rebuilt")
+    ev.add_argument("--results", required=True, metavar="DIR", help="results directory (with runs/ and weights/)")
+    ev.add_argument("--general", metavar="SUITE", help="general suite to score: a name from `ls suites` or a YAML")
+    ev.add_argument("--tasks", type=_csv, metavar="T1,T2", help="tasks to score (also or instead of --general)")
+    ev.add_argument("--stages", choices=["final", "all"], default="all",
+                    help="final: the last stage only; all: every stage whose weights were kept (default); the base "
+                         "model is always scored")
     return p
 
 
@@ -132,7 +147,8 @@ def run_config(args: argparse.Namespace) -> Any:
     if args.seeds is not None:
         base["seeds"] = args.seeds
     for key, value in (("sequence", args.sequence), ("output", args.output), ("reference", args.reference),
-                       ("general", args.general), ("shard", args.shard), ("data_dir", args.data_dir)):
+                       ("general", args.general), ("shard", args.shard), ("data_dir", args.data_dir),
+                       ("keep_weights", args.keep_weights)):
         if value is not None:
             base[key] = value
     model = dict(base.get("model") or {})
@@ -237,6 +253,21 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    for k, v in OFFLINE_VARS.items():  # the models and data were fetched by the runs being re-scored
+        os.environ.setdefault(k, v)
+    from benchmark.prepare import configure_data_env
+
+    configure_data_env(None)  # before anything imports `datasets`
+    from benchmark.rescore import make_request, rescore
+
+    request = make_request(args.results, args.general, args.tasks, args.stages)  # checked before any write
+    summary = rescore(request)
+    print(f"re-scored {len(summary.rescored)} runs on {request.name} ({summary.evaluated} evaluations, "
+          f"{summary.cached} from the cache); {len(summary.skipped)} skipped, {len(summary.failed)} failed")
+    return 1 if summary.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmark`` and the ``forgetbench`` script."""
     try:
@@ -249,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("lm-eval", "lm_eval", "datasets", "transformers", "accelerate", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not args.verbose else logging.INFO)
     try:
-        commands = {"run": cmd_run, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "prepare": cmd_prepare}
+        commands = {"run": cmd_run, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "prepare": cmd_prepare,
+                    "evaluate": cmd_evaluate}
         return commands[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -153,24 +153,37 @@ def load_base(cfg: ModelConfig, path: str | Path | None = None, precision: str =
     The weights are stored as ``train.precision`` (``precision``, resolved here when ``auto``) and ``cfg.dtype``
     say: :func:`benchmark.precision.load_dtype`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: seconds to import
+    from transformers import AutoModelForCausalLM  # deferred: seconds to import
+
+    tok = load_tokenizer(cfg, path)
+    src = str(path if path is not None else cfg.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=load_dtype(resolve_precision(precision), cfg.dtype),
+                                                     revision=cfg.revision if path is None else None,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except OSError as exc:
+        raise UserError(f"cannot load model {src!r}: {str(exc).splitlines()[0]}") from exc
+    return model, tok
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | Path | None = None) -> Any:
+    """The tokenizer of :func:`load_base` alone (no weights loaded), with its pad token set."""
+    from transformers import AutoTokenizer  # deferred: seconds to import
 
     src = str(path if path is not None else cfg.name)
-    if path is None and cfg.name != TINY_WORLD and (cfg.name.startswith((".", "/", "~")) and not Path(cfg.name).exists()):
+    local = cfg.name.startswith((".", "/", "~"))
+    if path is None and cfg.name != TINY_WORLD and local and not Path(cfg.name).exists():
         raise UserError(f"model path does not exist: {cfg.name!r}")
-    revision = cfg.revision if path is None else None
     try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=load_dtype(resolve_precision(precision), cfg.dtype),
-                                                     revision=revision,
-                                                     trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code,
+                                            revision=cfg.revision if path is None else None)
     except OSError as exc:
         raise UserError(f"cannot load model {src!r}: {str(exc).splitlines()[0]}") from exc
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if cfg.chat_template and not getattr(tok, "chat_template", None):
         raise UserError(f"model.chat_template is on but the tokenizer of {src!r} has no chat template")
-    return model, tok
+    return tok
 
 
 def prepare_for_training(model: Any, gradient_checkpointing: bool) -> Any:
