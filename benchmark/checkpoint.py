@@ -11,8 +11,8 @@ After every finished stage the runner writes ``DIR/checkpoints/<run_id>/stage-<t
 The folder is written under a temporary name and renamed into place, so a ``kill -9`` at any moment leaves
 either the previous stage's checkpoint or the new one, never half of one. Only the latest stage is kept, and
 the runner deletes the folder once the run's success record is written (the record holds every number the
-leaderboard needs; the weights of finished runs are not kept). No pickle anywhere: tensors are safetensors,
-the rest is JSON.
+leaderboard needs; the weights a finished run keeps, ``keep_weights``, live in ``DIR/weights/``:
+:mod:`benchmark.weights`). No pickle anywhere: tensors are safetensors, the rest is JSON.
 
 There is no optimizer state to save: :func:`benchmark.train.train_stage` builds a fresh optimizer and
 scheduler for every stage.
