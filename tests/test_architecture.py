@@ -126,8 +126,8 @@ LAYERS = {
         "benchmark.samples", "benchmark.sharding", "benchmark.weights"},
     3: {"benchmark.plan", "benchmark.scoring", "benchmark.stages", "benchmark.reference"},
     4: {"benchmark.validate", "benchmark.runner", "benchmark.metrics", "benchmark.leaderboard", "benchmark.plots",
-        "benchmark.report", "benchmark.prepare", "benchmark.jobs", "benchmark.launch", "benchmark.rescore",
-        "benchmark.cli", "benchmark.__main__"},
+        "benchmark.heatmaps", "benchmark.plotkit", "benchmark.report", "benchmark.prepare", "benchmark.jobs",
+        "benchmark.launch", "benchmark.rescore", "benchmark.cli", "benchmark.__main__"},
 }
 
 
