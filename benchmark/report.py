@@ -1,8 +1,10 @@
 """``report.html``: one self-contained page to share (inline CSS and JS, plots embedded as base64 data URIs).
 
-The leaderboard table sorts on a click on a column header (``#sort=<column>:<asc|desc>`` in the URL sorts on
-load, which makes the sorting testable in a headless browser); each header's tooltip is the column's definition.
-Every cell keeps the exact CSV value in ``data-value``, so the table can be read back and checked.
+The leaderboard table shows the headline columns (:data:`HEADLINE`) first; every other column is in the table
+too but hidden until the "more columns" button is pressed (``#columns=all`` in the URL opens them on load). It
+sorts on a click on a column header (``#sort=<column>:<asc|desc>`` in the URL sorts on load, which makes the
+sorting testable in a headless browser); each header's tooltip is the column's definition. Every cell keeps the
+exact CSV value in ``data-value``, so the table can be read back and checked.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import pandas as pd
 
 from benchmark import metrics
 from benchmark.records import SCHEMA_VERSION, atomic_write_text
+from benchmark.tables import display_name
 
+# what a reader compares first: the trade-off (downstream score vs. general forgetting) and its two causes
+HEADLINE = ["method", "final_avg", "general_delta", "plasticity", "forgetting"]
 TEXT_COLUMNS = ["method", "variant", "kind", "model", "sequence_id", "seeds"]
 COLUMN_HELP = {
     "method": "fine-tuning method (registry name)",
@@ -45,7 +50,7 @@ COLUMN_HELP = {
 COST_COLUMNS = ["modules", "lr", "trainable_params", "active_params", "train_seconds", "peak_memory_mb", "n_examples",
                 "eval_batch_size"]
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222;max-width:1600px}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222}
 h1{margin-bottom:.2em} .meta{color:#555;font-size:.9em}
 table{border-collapse:collapse;font-size:.85em;margin:1em 0}
 th,td{border:1px solid #ccc;padding:.3em .5em;text-align:right;white-space:nowrap}
@@ -55,6 +60,8 @@ th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::afte
 tr.pareto td:first-child{font-weight:bold} tr.reference{font-style:italic;background:#fafafa}
 td.na{color:#999} .scroll{overflow-x:auto} img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top} figcaption{font-size:.85em;color:#555}
+table.collapsed .more{display:none} th.headline{background:#e6eef7}
+button.more-toggle{font:inherit;font-size:.85em;padding:.25em .8em;cursor:pointer}
 """
 JS = """
 function sortTable(table, col, dir) {
@@ -73,7 +80,17 @@ function sortTable(table, col, dir) {
   ths.forEach(h => h.removeAttribute('aria-sort'));
   th.setAttribute('aria-sort', dir === 'desc' ? 'descending' : 'ascending');
 }
+function showColumns(button, all) {
+  const table = document.getElementById(button.getAttribute('aria-controls'));
+  table.classList.toggle('collapsed', !all);
+  button.setAttribute('aria-expanded', all ? 'true' : 'false');
+  button.textContent = all ? button.dataset.less : button.dataset.more;
+}
 document.addEventListener('DOMContentLoaded', () => {
+  document.querySelectorAll('button.more-toggle').forEach(b => {
+    b.addEventListener('click', () => showColumns(b, b.getAttribute('aria-expanded') !== 'true'));
+    if (/columns=all/.test(location.hash)) showColumns(b, true);
+  });
   document.querySelectorAll('table.sortable').forEach(table => {
     Array.from(table.tHead.rows[0].cells).forEach(th => th.addEventListener('click', () => {
       sortTable(table, th.dataset.col, th.getAttribute('aria-sort') === 'descending' ? 'asc' : 'desc');
@@ -122,19 +139,34 @@ def _help(col: str) -> str:
     return COLUMN_HELP.get(col, col)
 
 
+def shown_columns(df: pd.DataFrame) -> list[str]:
+    """The columns visible before "more columns": the headline, plus model and sequence when the table mixes
+    several (rows of merged folders could not be told apart without them)."""
+    mixed = len(df.groupby(["model", "sequence_id"], dropna=False)) > 1 if len(df) else False
+    return HEADLINE + (["model", "sequence_id"] if mixed else [])
+
+
 def table_columns(df: pd.DataFrame) -> list[str]:
-    """Columns of the HTML table: identity, the trade-off, every metric, costs."""
-    first = ["method", "variant", "kind", "model", "sequence_id", "n_seeds", "seeds", "pareto", "n_failed"]
-    return [c for c in first + list(metrics.METRICS) + COST_COLUMNS if c in df.columns]
+    """Columns of the HTML table: the shown ones first, then identity, every other metric, costs."""
+    rest = ["variant", "kind", "model", "sequence_id", "n_seeds", "seeds", "pareto", "n_failed"]
+    first = shown_columns(df)
+    return [c for c in first + [c for c in rest + list(metrics.METRICS) + COST_COLUMNS if c not in first]
+            if c in df.columns]
+
+
+def _classes(*names: str) -> str:
+    return " ".join(n for n in names if n)
 
 
 def leaderboard_table(df: pd.DataFrame, table_id: str = "leaderboard") -> str:
     """The sortable ``<table>``: headers carry ``title`` definitions, cells carry the exact CSV value."""
     cols = table_columns(df)
+    shown = shown_columns(df)
+    group = {c: "headline" if c in shown else "more" for c in cols}
     head = "".join(
         f'<th data-col="{c}" data-type="{"text" if c in TEXT_COLUMNS else "num"}" '
-        f'class="{"text" if c in TEXT_COLUMNS else ""}" title="{html.escape(_help(c))}">{html.escape(c)}</th>'
-        for c in cols)
+        f'class="{_classes("text" if c in TEXT_COLUMNS else "", group[c])}" title="{html.escape(_help(c))}">'
+        f"{html.escape(c)}</th>" for c in cols)
     rows = []
     for _, r in df.iterrows():
         cls = " ".join(x for x in ("pareto" if bool(r["pareto"]) else "", str(r["kind"])) if x)
@@ -143,11 +175,17 @@ def leaderboard_table(df: pd.DataFrame, table_id: str = "leaderboard") -> str:
             reason = r.get(f"{c}_reason") if c in metrics.METRICS else None
             tip = f' title="{html.escape(str(reason))}"' if _value(reason) else ""
             klass = "text" if c in TEXT_COLUMNS else ("na" if _value(r[c]) == "" else "")
-            cells.append(f'<td data-col="{c}" data-value="{html.escape(_value(r[c]))}" class="{klass}"{tip}>'
-                         f"{html.escape(_shown(c, r))}</td>")
+            # the method cell names the variant too: with the variant column hidden, rows must stay distinct
+            text = display_name(r["method"], r.get("variant")) if c == "method" else _shown(c, r)
+            cells.append(f'<td data-col="{c}" data-value="{html.escape(_value(r[c]))}" '
+                         f'class="{_classes(klass, "more" if group[c] == "more" else "")}"{tip}>'
+                         f"{html.escape(text)}</td>")
         rows.append(f'<tr class="{cls}">' + "".join(cells) + "</tr>")
-    return (f'<div class="scroll"><table id="{table_id}" class="sortable"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table></div>")
+    n_more = sum(g == "more" for g in group.values())
+    button = (f'<button type="button" class="more-toggle" aria-controls="{table_id}" aria-expanded="false" '
+              f'data-more="more columns ({n_more})" data-less="fewer columns">more columns ({n_more})</button>')
+    return (f'{button}<div class="scroll"><table id="{table_id}" class="sortable collapsed">'
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _img(caption: str, path: Path) -> str:
@@ -181,7 +219,8 @@ def render(df: pd.DataFrame, runs: pd.DataFrame, images: dict[str, list[tuple[st
         "<h2>Leaderboard</h2>",
         "<p>Scores in points (0-100), mean ± std over seeds. Click a column header to sort; hover a header for its "
         "definition and an n/a cell for why it is undefined. Bold rows are on the Pareto front of "
-        "(final_avg, general_delta); italic rows are references, not continual methods.</p>",
+        "(final_avg, general_delta); italic rows are references, not continual methods. \"more columns\" shows "
+        "the other metrics, the seeds, the costs and the evaluation settings.</p>",
         leaderboard_table(df) if not df.empty else "<p>No runs.</p>",
         _runs_section(runs),
     ]
@@ -189,6 +228,9 @@ def render(df: pd.DataFrame, runs: pd.DataFrame, images: dict[str, list[tuple[st
                        ("general", "General score along the sequence")):
         if images.get(key):
             parts += [f"<h2>{title}</h2>"] + [_img(c, p) for c, p in images[key]]
+    if images.get("mean_heatmaps"):
+        parts.append("<h2>R and G matrices per method (mean ± std over seeds)</h2>")
+        parts += [_img(c, p) for c, p in images["mean_heatmaps"]]
     if images.get("heatmaps"):
         parts.append("<h2>R and G matrices per run</h2>")
         parts += [f"<details><summary>{html.escape(c)}</summary>{_img(c, p)}</details>" for c, p in images["heatmaps"]]

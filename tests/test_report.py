@@ -1,7 +1,9 @@
 """report.html: self-contained, its table equals leaderboard.csv, and it sorts and explains itself in a browser.
 
-The browser test renders the page in headless Chromium (Debian package ``chromium``) and reads the table back
-from the DOM after the page's JavaScript ran; it is skipped when Chromium is not installed.
+The browser tests render the page in headless Chromium (Debian package ``chromium``): one reads the table back
+from the DOM after the page's JavaScript ran; one drives the page with playwright (the ``dev`` extra, on the
+system browser: no ``playwright install``) at 1280x800 and measures where the columns are. Both are skipped only
+when no Chromium binary is installed (so they run wherever one is, CI included).
 """
 
 from __future__ import annotations
@@ -138,3 +140,68 @@ def test_report_in_headless_chromium_sorts_and_reads_back(result_dir, tmp_path):
         assert all(r[col] == "" for r in page.rows[len(values):])  # undefined cells sort last
         assert f'data-col="{col}"' in dom and ('aria-sort="ascending"' if direction == "asc"
                                                 else 'aria-sort="descending"') in dom
+
+
+HEADLINE = ["method", "final_avg", "general_delta", "plasticity", "forgetting"]
+
+
+@pytest.fixture(scope="module")
+def published_copy(tmp_path_factory):
+    """A report over a copy of the published tiny-world records (13 rows, real widths), without the plots."""
+    d = tmp_path_factory.mktemp("published")
+    shutil.copytree(Path(__file__).resolve().parents[1] / "results" / "tiny-world" / "runs", d / "runs")
+    lb.write_all(d, plots=False)
+    return d
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium binary (chromium, chromium-browser or google-chrome)")
+def test_report_headline_columns_fit_a_laptop_screen_and_the_toggle_shows_the_rest(published_copy):
+    """At 1280x800 the headline columns are on screen; "more columns" reveals the others; sorting still works."""
+    from playwright.sync_api import sync_playwright  # the dev extra; only this test needs it
+
+    url = (published_copy / "report.html").resolve().as_uri()
+    board = pd.read_csv(published_copy / "leaderboard.csv", float_precision="round_trip", dtype={"seeds": str})
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(),
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(url)
+            header = page.locator("#leaderboard thead th")
+            cols = header.evaluate_all("hs => hs.map(h => h.dataset.col)")
+            assert cols[:len(HEADLINE)] == HEADLINE and len(cols) > 20
+            for col in HEADLINE:
+                box = page.locator(f'#leaderboard th[data-col="{col}"]').bounding_box()
+                assert box is not None and 0 <= box["x"] and box["x"] + box["width"] <= 1280, (col, box)
+                assert box["y"] + box["height"] <= 800, (col, box)  # above the fold, too
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # no sideways scrolling
+            more = [c for c in cols if c not in HEADLINE]
+            assert all(page.locator(f'#leaderboard th[data-col="{c}"]').is_hidden() for c in more)
+            toggle = page.locator("button.more-toggle")
+            assert toggle.get_attribute("aria-expanded") == "false" and f"({len(more)})" in toggle.inner_text()
+            toggle.click()
+            assert toggle.get_attribute("aria-expanded") == "true"
+            for c in more:
+                assert page.locator(f'#leaderboard th[data-col="{c}"]').is_visible(), c
+            assert page.locator('#leaderboard td[data-col="general_worst_delta"]').first.is_visible()
+            # the headline stays in place when the rest is shown
+            assert page.locator('#leaderboard th[data-col="forgetting"]').bounding_box()["x"] + 1 < 1280
+            # header tooltips: each header's title is its definition
+            for col in ("final_avg", "general_delta", "n_seeds"):
+                title = page.locator(f'#leaderboard th[data-col="{col}"]').get_attribute("title")
+                assert title and (col not in metrics.METRICS or metrics.METRICS[col][2] in title)
+            # sorting by a click on a headline header: first click descending, second ascending
+            page.locator('#leaderboard th[data-col="general_delta"]').click()
+            values = page.locator('#leaderboard tbody td[data-col="general_delta"]').evaluate_all(
+                "cs => cs.map(c => c.dataset.value)")
+            nums = [float(v) for v in values if v != ""]
+            assert nums == sorted(nums, reverse=True) and len(nums) == len(board)
+            page.locator('#leaderboard th[data-col="general_delta"]').click()
+            assert page.locator('#leaderboard th[data-col="general_delta"]').get_attribute("aria-sort") == "ascending"
+            toggle.click()
+            assert page.locator('#leaderboard th[data-col="n_seeds"]').is_hidden()
+            page = browser.new_page(viewport={"width": 1280, "height": 800})  # a fresh load: the hash is read on load
+            page.goto(url + "#columns=all")
+            assert page.locator('#leaderboard th[data-col="n_seeds"]').is_visible()
+        finally:
+            browser.close()
