@@ -17,13 +17,14 @@ Expected: the adapter's time grows at most linearly in N (time per expert consta
 
 Usage: python scripts/bench_scaling.py [--stages 1,3,6] [--experts 4,8,16] [--steps 20] [--limit 24]
        [--skip-stages] [--skip-experts] [--device cuda --dtype bf16]. Writes results/bench/scaling.json and,
-       when matplotlib is present, results/bench/scaling.png.
+       when matplotlib is present, results/bench/scaling.png. --plot-only redraws the figure from the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,18 @@ def expert_rows(curve: dict[str, Any], experts: list[int], ref: str) -> list[lis
     return rows
 
 
+def _panel(ax: Any, x: list[int], ys: list[float], style: str, title: str, xlabel: str, ylabel: str) -> None:
+    ax.plot(x, ys, style)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(x)
+    ax.set_ylim(0, 1.15 * max(max(ys), 1e-9))  # from zero: "flat" and "linear" read off the figure honestly
+    ax.grid(alpha=0.3)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
+    """One panel per quantity, each axis labelled with its quantity and unit (stages on top, experts below)."""
     try:
         import matplotlib
 
@@ -122,30 +134,40 @@ def plot(result: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.2))
     st = result.get("stages")
     if st:
         ns = sorted(int(k) for k in st)
-        axes[0].plot(ns, [1e6 * st[n]["train_s"] / max(1, st[n]["train_tokens"]) for n in ns], "o-",
-                     label="train ms / 1k tokens")
-        axes[0].plot(ns, [(st[n]["overhead_s"] - st[n]["startup_s"]) / n for n in ns], "o-",
-                     label="overhead s / stage (excl. start-up)")
-        axes[0].plot(ns, [st[n]["eval_s"] / (st[n]["evaluations"] * st[n]["examples_per_eval"]) * 1e3 for n in ns],
-                     "s--", label="eval ms / example")
-        axes[0].set_xlabel("stages")
-        axes[0].legend()
-    for key, style in (("layer", "o-"), ("step", "s-")):
+        st = {int(k): v for k, v in st.items()}
+        xl = "stages in the sequence (N)"
+        _panel(axes[0][0], ns, [1e6 * st[n]["train_s"] / max(1, st[n]["train_tokens"]) for n in ns], "o-",
+               "training time per token", xl, "training time (ms per 1k tokens)")
+        _panel(axes[0][1], ns, [1e3 * st[n]["eval_s"] / max(1, st[n]["evaluations"] * st[n]["examples_per_eval"])
+                                for n in ns], "s-", "evaluation time per evaluated example", xl,
+               "evaluation time (ms per example)")
+        _panel(axes[0][2], ns, [(st[n]["overhead_s"] - st[n]["startup_s"]) / n for n in ns], "^-",
+               "harness overhead per stage (start-up excluded)", xl, "overhead (s per stage)")
+        _panel(axes[1][0], ns, [st[n]["peak_memory_mb"] for n in ns], "D-", "peak memory of the run", xl,
+               "peak memory (MiB)")
+    else:
+        for ax in axes[0].tolist() + [axes[1][0]]:
+            ax.set_axis_off()
+    for ax, key, ref, what, unit in (
+            (axes[1][1], "layer", "base", "MoELoRALinear fwd + bwd, minus the frozen Linear", "call"),
+            (axes[1][2], "step", "floor", "loramoe training step, minus the frozen-model floor", "step")):
         c = result.get(key)
-        if c:
-            ref = "base" if key == "layer" else "floor"
-            ex = c["experts"]
-            axes[1].plot(ex, [(c["median_s"][f"N={n}"] - c["median_s"][ref]) * 1e3 for n in ex], style,
-                         label=f"{key}: adapter ms")
-    axes[1].set_xlabel("experts")
-    if axes[1].lines:
-        axes[1].legend()
+        if not c:
+            ax.set_axis_off()
+            continue
+        ex = c["experts"]
+        _panel(ax, ex, [(c["median_s"][f"N={n}"] - c["median_s"][ref]) * 1e3 for n in ex], "o-",
+               what, "experts (N)", f"adapter time (ms per {unit}, median)")
+    env = result.get("env") or {}
+    fig.suptitle(f"bench_scaling: {result.get('steps')} steps per stage, eval.limit={result.get('limit')}; "
+                 f"{env.get('cuda') or 'CPU'}, {env.get('threads')} threads, {env.get('time', '')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
     print(f"wrote {path}")
 
 
@@ -161,7 +183,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip-experts", action="store_true")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--plot-only", action="store_true",
+                    help="measure nothing: redraw results/bench/scaling.png from results/bench/scaling.json")
     a = ap.parse_args(argv)
+    if a.plot_only:
+        result = json.loads((BENCH_DIR / "scaling.json").read_text())
+        plot(result, BENCH_DIR / "scaling.png")
+        return result
     offline_env()
     result: dict[str, Any] = {}
     if not a.skip_stages:
@@ -194,8 +222,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\nexperts, step level (loramoe, 2-layer Llama 512/1408, batch 8x128; floor "
               f"{step['median_s']['floor'] * 1e3:.1f} ms)")
         print(fmt_table(expert_rows(step, experts, "floor"), hdr))
-    write_result("scaling", {"steps": a.steps, "limit": a.limit, **result})
-    plot(result, BENCH_DIR / "scaling.png")
+    written = write_result("scaling", {"steps": a.steps, "limit": a.limit, **result})
+    plot(json.loads(written.read_text()), BENCH_DIR / "scaling.png")  # the figure is drawn from the file alone
     return result
 
 
