@@ -129,20 +129,35 @@ class TrainConfig:
         return (method_lr if method_lr is not None else self.lr) * self.lr_scale
 
 
+def check_eval_batch_size(value: Any) -> None:
+    """``eval.batch_size``: a positive integer or ``"auto"``."""
+    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise UserError(f"invalid eval.batch_size: {value!r} (must be a positive integer or 'auto')")
+
+
+def check_eval_limit(value: Any) -> None:
+    """``eval.limit``: a positive integer (examples per task) or a fraction strictly between 0 and 1."""
+    ok = not isinstance(value, bool) and (
+        (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value < 1))
+    if not ok:
+        raise UserError(f"invalid eval.limit: {value!r} (must be a positive integer, examples per task, or a "
+                        f"fraction between 0 and 1 of each task's examples)")
+
+
 @dataclass
 class EvalConfig:
     """Evaluation settings; the batch size is recorded because scores can depend on it."""
 
-    batch_size: int = 64
-    limit: int | None = None
+    batch_size: int | str = 64  # or "auto": lm-eval's largest batch that fits; the record keeps "auto"
+    limit: int | float | None = None  # examples per task, or a fraction in (0, 1) of each task's examples
     # per-sample rows (benchmark/samples.py): local = the harness's own task specs, all = lm-eval's too, none;
     # never changes a score, so it is neither in the evaluation cache key nor in a run's result inputs
     log_samples: str = "local"
 
     def __post_init__(self) -> None:
-        _positive("eval.batch_size", self.batch_size)
+        check_eval_batch_size(self.batch_size)
         if self.limit is not None:
-            _positive("eval.limit", self.limit)
+            check_eval_limit(self.limit)
         check_log_samples(self.log_samples)
 
 

@@ -20,7 +20,8 @@ from benchmark import metrics
 from benchmark.metrics import MetricValue
 from benchmark.records import SCHEMA_VERSION, RunRecord, atomic_write_text, general_floor, load_records, task_floors
 from benchmark.tables import (ROUTING_COLUMNS, ROUTING_FLOATS, ROUTING_INTS, SCORE_COLUMNS, SCORE_FLOATS, SCORE_INTS,
-                              display_name, method_variants, routing_rows, score_rows, typed_frame)
+                              SCORE_SETTINGS, display_name, method_variants, routing_rows, score_rows,
+                              smallest_setting, typed_frame)
 
 logger = logging.getLogger(__name__)
 METRIC_NAMES = list(metrics.METRICS)
@@ -39,7 +40,9 @@ RUN_COLUMNS = (ID_COLUMNS + ["status", "error", "n_tasks", "n_general", "n_stage
                + ["train_steps", "n_examples", "eval_batch_size", "eval_limit", "num_threads", "device"]
                + [f"version_{p}" for p in VERSION_PKGS] + ["python", "git_sha", "git_dirty", "method_config"])
 INT_RUN_COLUMNS = ["seed", "n_tasks", "n_general", "n_stages_done", "reference_runs", "trainable_params",
-                   "active_params", "train_steps", "n_examples", "eval_batch_size", "eval_limit", "num_threads"]
+                   "active_params", "train_steps", "n_examples", "num_threads"]
+# as configured: eval.batch_size may be "auto", eval.limit a fraction of each task's examples
+SETTING_RUN_COLUMNS = ["eval_batch_size", "eval_limit"]
 FLOAT_RUN_COLUMNS = METRIC_NAMES + [c for c in RUN_COST if c not in INT_RUN_COLUMNS] + ["lr"]
 _COST_STD = [c for k in COST for c in (k, f"{k}_std")]
 LEADERBOARD_COLUMNS = (["schema_version"] + KEYS + ["n_seeds", "n_failed", "seeds", "pareto"]
@@ -151,7 +154,7 @@ def runs_table(records: list[RunRecord]) -> pd.DataFrame:
     """``runs.csv``: one row per run (failed ones included), sorted by model, sequence, kind, method, seed."""
     refs, variants = reference_scores(records), method_variants(records)
     df = typed_frame([run_row(r, refs, variants.get(r.run_id, "")) for r in records], RUN_COLUMNS,
-                     INT_RUN_COLUMNS, FLOAT_RUN_COLUMNS)
+                     INT_RUN_COLUMNS, FLOAT_RUN_COLUMNS, SETTING_RUN_COLUMNS)
     df["variant"] = df["variant"].fillna("")
     return df.sort_values(["model", "sequence_id", "kind", "method", "variant", "seed"],
                           kind="stable").reset_index(drop=True)
@@ -217,15 +220,15 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
             row[c] = _same_over_seeds(list(ok[c]), c, key)
         row["modules"] = compact_modules(row["adapted_modules"].split(",")) if row["adapted_modules"] else None
         for c in ("n_examples", "eval_batch_size"):  # equal over seeds unless settings changed; keep the smallest
-            vals = [int(v) for v in ok[c] if _none(v) is not None]
-            row[c] = min(vals) if vals else None
-            if len(set(vals)) > 1:
+            vals = [v for v in ok[c] if _none(v) is not None]
+            row[c] = smallest_setting(vals)
+            if len({str(v) for v in vals}) > 1:
                 logger.warning("%s: runs with different %s (%s) are averaged together", "/".join(map(str, key)), c,
-                               sorted(set(vals)))
+                               sorted({str(v) for v in vals}))
         rows.append(row)
     floats = [c for m in METRIC_NAMES + COST for c in (m, f"{m}_std")] + ["lr"]
-    ints = ["n_seeds", "n_failed", "n_examples", "eval_batch_size"] + [f"{m}_n" for m in METRIC_NAMES]
-    df = typed_frame(rows, LEADERBOARD_COLUMNS, ints, floats)
+    ints = ["n_seeds", "n_failed", "n_examples"] + [f"{m}_n" for m in METRIC_NAMES]
+    df = typed_frame(rows, LEADERBOARD_COLUMNS, ints, floats, ["eval_batch_size"])
     if df.empty:
         return df
     df["pareto"] = False  # reference rows (upper bounds) never compete for the front
@@ -264,7 +267,7 @@ def to_markdown(df: pd.DataFrame) -> str:
         base = sub["general_base"].dropna()
         lines += [f"### {model} on {seq}", "",
                   f"general_base (base model, before any training) = {_fmt(base.iloc[0]) if len(base) else 'n/a'}; "
-                  f"evaluation batch size {_fmt(sub['eval_batch_size'].dropna().min(), digits=0)}, "
+                  f"evaluation batch size {smallest_setting(list(sub['eval_batch_size'])) or 'n/a'}, "
                   f"{_fmt(sub['n_examples'].dropna().min(), digits=0)} examples per evaluation.", "",
                   "| method | seeds | " + " | ".join(cols)
                   + " | trainable params | active params | modules | lr | train s |",
@@ -301,7 +304,7 @@ def write_all(out_dir: str | Path, result_dirs: list[str | Path] | None = None, 
     records = load_records(result_dirs or [out_dir])
     tables = {
         "scores.csv": typed_frame([row for r in records for row in score_rows(r)], SCORE_COLUMNS, SCORE_INTS,
-                                  SCORE_FLOATS),
+                                  SCORE_FLOATS, SCORE_SETTINGS),
         "routing.csv": typed_frame([row for r in records for row in routing_rows(r)], ROUTING_COLUMNS, ROUTING_INTS,
                                    ROUTING_FLOATS),
         "runs.csv": runs_table(records),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from typing import Any
 
 import pandas as pd
@@ -18,23 +19,49 @@ SCORE_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequenc
                  "stage", "stage_task", "task", "task_group", "metric", "value", "n_examples", "eval_batch_size"]
 ROUTING_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence_id", "seed", "stage",
                    "diagnostic", "value"]
-SCORE_INTS, SCORE_FLOATS = ["seed", "stage", "n_examples", "eval_batch_size"], ["value"]
+SCORE_INTS, SCORE_FLOATS = ["seed", "stage", "n_examples"], ["value"]
+# configured values that are a count, a fraction or a word (eval.batch_size "auto", eval.limit 0.1): kept as given
+SCORE_SETTINGS = ["eval_batch_size"]
 ROUTING_INTS, ROUTING_FLOATS = ["seed", "stage"], ["value"]
 
 
 def typed_frame(rows: list[dict[str, Any]] | pd.DataFrame, columns: list[str], ints: list[str] = (),
-                floats: list[str] = ()) -> pd.DataFrame:
+                floats: list[str] = (), settings: list[str] = ()) -> pd.DataFrame:
     """A table with exactly ``columns``, integer columns as nullable ints and float columns as floats.
 
     Fixing the types makes a cell's text independent of the other rows (``55`` is written ``55.0`` in a float
-    column whatever else is merged in, and an integer column with a gap does not turn into ``10.0``).
+    column whatever else is merged in, and an integer column with a gap does not turn into ``10.0``). ``settings``
+    columns hold a configured value as it was given: a whole number as an int, a fraction as a float, a word such
+    as ``auto`` as text (see :func:`setting_value`).
     """
     df = pd.DataFrame(rows, columns=columns) if not isinstance(rows, pd.DataFrame) else rows[columns].copy()
     for c in ints:
         df[c] = pd.to_numeric(df[c], errors="coerce").round().astype("Int64")
     for c in floats:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    for c in settings:
+        df[c] = pd.Series([setting_value(v) for v in df[c]], index=df.index, dtype=object)
     return df
+
+
+def setting_value(x: Any) -> int | float | str | None:
+    """A configured value as a plain Python value: 16 (also from 16.0), 0.1, "auto", or None when missing."""
+    if x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x)):
+        return None
+    if isinstance(x, str):
+        return x
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if isinstance(x, numbers.Real):
+        return int(x) if float(x).is_integer() else float(x)
+    return str(x)
+
+
+def smallest_setting(values: list[Any]) -> int | float | str | None:
+    """The smallest number among ``values`` (missing ones ignored), else the first word (``auto``), else None."""
+    present = [v for v in map(setting_value, values) if v is not None]
+    nums = [v for v in present if not isinstance(v, str)]
+    return min(nums) if nums else (sorted(present)[0] if present else None)
 
 
 def _short(value: Any) -> str:
