@@ -2,7 +2,8 @@
 
 Labels are placed by a small deterministic repel: for each label, candidate offsets on rings around its point
 (nearest first), the first whose box (measured with the renderer's text extents) stays inside the axes and
-touches no placed label and no marker; farther rings get a leader line back to the point.
+touches no placed label and no marker; farther rings, and labels that sit closer to another point than to their
+own, get a leader line back to the point.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class Placer:
         self.ax, self.renderer = ax, renderer
         self.taken: list[Bbox] = list(obstacles or [])
         self.frame = ax.get_window_extent(renderer)
+        self.points: list[tuple[float, float]] = []  # display positions of the labelled points (see place_all)
 
     def size(self, text: str, fontsize: float) -> tuple[float, float]:
         """Width and height in pixels of ``text`` as the renderer draws it."""
@@ -139,8 +141,11 @@ class Placer:
         i = self.best(boxes)
         r, dx, dy = specs[i]
         self.taken.append(boxes[i])
+        centre = (boxes[i].x0 + boxes[i].width / 2, boxes[i].y0 + boxes[i].height / 2)
+        own = math.dist(centre, (px, py))
+        closer = any(math.dist(centre, p) < own - 1.0 for p in self.points)  # it would read as another point's
         leader = {"arrowstyle": "-", "color": "0.45", "linewidth": 0.7, "shrinkA": 0, "shrinkB": 4} \
-            if r >= LEADER_FROM else None
+            if r >= LEADER_FROM or closer else None
         return self.ax.annotate(
             label.text, (label.x, label.y), textcoords="offset points", xytext=(dx * r, dy * r),
             ha={1: "left", 0: "center", -1: "right"}[dx], va={1: "bottom", 0: "center", -1: "top"}[dy],
@@ -166,6 +171,7 @@ class Placer:
     def place_all(self, labels: list[Label]) -> list[Annotation]:
         """Place ``labels``, the most crowded first (they need the near spots), ties by text: deterministic."""
         pts = [self.ax.transData.transform((lb.x, lb.y)) for lb in labels]
+        self.points = [(float(x), float(y)) for x, y in pts]
         near = 40 * self.ax.figure.dpi / 72
 
         def crowd(i: int) -> int:
