@@ -23,6 +23,7 @@ import yaml
 from torch import nn
 
 from benchmark import textmetrics
+from benchmark.progress import bars_disabled
 from benchmark.samples import check_log_samples, sample_rows
 from tasks.base import TaskSpec
 from tasks.templates import render
@@ -176,8 +177,8 @@ def evaluate(
     tokenizer: Any,
     specs: list[TaskSpec],
     lm_eval_tasks: list[str] | None = None,
-    batch_size: int = 64,
-    limit: int | None = None,
+    batch_size: int | str = 64,
+    limit: int | float | None = None,
     num_fewshot: int | None = None,
     max_length: int | None = None,
     fewshot: dict[str, int | None] | None = None,
@@ -190,6 +191,8 @@ def evaluate(
 
     Args:
         lm_eval_tasks: lm-eval task or group names, with or without the ``lm_eval:`` prefix.
+        batch_size: a fixed batch size, or ``"auto"``: lm-eval's largest that fits (from 64 down, on OOM).
+        limit: examples per task (an int), or a fraction in (0, 1) of each task's examples (lm-eval's float limit).
         num_fewshot: few-shot count of lm-eval tasks not in ``fewshot`` (None: each task's own default);
             local specs are always zero-shot.
         fewshot, metrics: per lm-eval task few-shot count and result key (e.g. ``exact_match,strict-match``).
@@ -287,11 +290,22 @@ def _memo_hflm_class() -> type:
                     memo[key] = ids
             return list(ids)
 
+        # lm-eval's request bars pass `disable=` themselves, so TQDM_DISABLE alone leaves them on: `-q` turns
+        # them off through the model API's own `disable_tqdm` argument
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or bars_disabled())
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or bars_disabled())
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or bars_disabled())
+
     return MemoHFLM
 
 
-def _run_lm_eval(lm: Any, manager: Any, task_list: list[Any], num_fewshot: int | None, limit: int | None,
-                 chat: bool, log_samples: bool = False) -> dict[str, Any]:
+def _run_lm_eval(lm: Any, manager: Any, task_list: list[Any], num_fewshot: int | None,
+                 limit: int | float | None, chat: bool, log_samples: bool = False) -> dict[str, Any]:
     """What ``lm_eval.simple_evaluate`` does for an in-memory model, minus its environment report.
 
     ``simple_evaluate`` ends every call by collecting ``torch.utils.collect_env`` and git information for its

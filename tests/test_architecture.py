@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("benchmark", "tasks", "methods")
 # the bottom layer of benchmark/: what tasks/ and methods/ may import from it
 LEAVES = {"benchmark.errors", "benchmark.registry", "benchmark.paths", "benchmark.locks", "benchmark.shard",
-          "benchmark.textmetrics"}
+          "benchmark.textmetrics", "benchmark.progress"}
 
 
 def _modules() -> dict[str, Path]:

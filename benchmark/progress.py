@@ -1,0 +1,37 @@
+"""Progress bars off (``-q``): ours, lm-eval's, transformers', datasets' and the hub's.
+
+Each library has its own documented switch. Environment variables are the only ones that reach a library
+before it is imported (and in the processes a launcher starts): :func:`quiet_environment` sets them first thing.
+tqdm's ``TQDM_DISABLE`` only changes tqdm's *default*, so lm-eval's model bars, which pass ``disable=``
+explicitly, are turned off through the ``disable_tqdm`` argument of its model API instead
+(:func:`bars_disabled`, read by :mod:`benchmark.evaluate`).
+"""
+
+from __future__ import annotations
+
+import os
+
+QUIET_VARS = {
+    "TQDM_DISABLE": "1",  # every tqdm bar that does not pass `disable` itself (lm-eval's "building contexts")
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # datasets' map / load bars
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # downloads, and transformers' bars that use the hub's tqdm
+}
+
+
+def quiet_environment() -> None:
+    """Set the libraries' progress-bar switches in the environment (call before they are imported)."""
+    os.environ.update(QUIET_VARS)
+
+
+def silence_libraries() -> None:
+    """The same switches for libraries already imported: datasets' and transformers' own functions."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def bars_disabled() -> bool:
+    """Whether progress bars are off for this process (``TQDM_DISABLE`` set to a true value, as ``-q`` does)."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
