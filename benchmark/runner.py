@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from benchmark import checkpoint
 from benchmark.builtin_models import ensure_builtin, is_builtin
 from benchmark.config import TINY_WORLD, ExperimentConfig
 from benchmark.distributed import make_accelerator
@@ -19,8 +20,9 @@ from benchmark.errors import UserError
 from benchmark.leaderboard import write_all
 from benchmark.locks import exclusive
 from benchmark.models import tinyworld_path
-from benchmark.paths import lock_path
-from benchmark.plan import Plan, sequence_stages
+from benchmark.paths import checkpoint_dir, lock_path, record_path
+from benchmark.plan import Plan, RunPlan, run_inputs, sequence_stages
+from benchmark.records import finished_result
 from benchmark.reference import all_runs
 from benchmark.stages import run_one
 from benchmark.validate import validate
@@ -29,8 +31,29 @@ from tasks import SUITES, TASKS
 logger = logging.getLogger(__name__)
 
 
-def describe(plan: Plan) -> str:
-    """The dry-run text: methods x seeds x stages, then every run."""
+def run_status(plan: Plan, run: RunPlan, force: bool = False) -> str:
+    """What ``run`` would do with this run: ``new``, ``resume from stage k/N`` or ``done``.
+
+    The same tests as the runner's (:func:`benchmark.stages.run_one`): a successful record with the same
+    settings is skipped, else the latest stage checkpoint is resumed; ``force`` starts every run over.
+    """
+    out = plan.cfg.output
+    if force:
+        return "new (--force)"
+    done, diff = finished_result(record_path(out, run.run_id), run_inputs(plan, run))
+    if done is not None and diff is None:
+        return "done"
+    meta = checkpoint.latest_meta(checkpoint_dir(out, run.run_id))
+    stage = meta.get("stage") if meta else None
+    if not isinstance(stage, int):
+        return "new"
+    n = len(run.stages)
+    # a checkpoint after the last stage: only the record was left to write when the run stopped
+    return f"resume from stage {stage + 1}/{n}" if stage < n else f"resume after stage {stage}/{n}"
+
+
+def describe(plan: Plan, force: bool = False) -> str:
+    """The dry-run text: methods x seeds x stages, then every run and its status (:func:`run_status`)."""
     stages = sequence_stages(plan)
     runs = all_runs(plan)
     n_method = len(plan.runs())
@@ -40,10 +63,11 @@ def describe(plan: Plan) -> str:
              f"{len(plan.cfg.methods)} methods x {len(plan.cfg.seeds)} seeds x {len(stages)} stages "
              f"= {n_method} runs, {n_method * len(stages)} stages"
              + (f" (shard {plan.cfg.shard} of the plan)" if plan.cfg.shard else "")]
-    lines += [f"  run {r.method} seed {r.seed}" for r in runs if r.kind == "method"]
+    lines += [f"  run {r.method} seed {r.seed}: {run_status(plan, r, force)}" for r in runs if r.kind == "method"]
     if plan.cfg.reference:  # see benchmark/reference.py
         steps = sum(s.steps for s in stages)
         lines.append(f"  + reference {plan.cfg.reference}: one run per seed, one stage of {steps} steps")
+        lines += [f"    seed {r.seed}: {run_status(plan, r, force)}" for r in runs if r.kind != "method"]
     return "\n".join(lines)
 
 

@@ -93,6 +93,27 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
+def config_options(config_cls: type[MethodConfig]) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) of every option of a method config dataclass, in declaration order.
+
+    The help text is the field's ``metadata["help"]`` (empty when a field has none).
+    """
+    rows = []
+    for f in dataclasses.fields(config_cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        # annotations are strings under `from __future__ import annotations`: exactly what the source says
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        rows.append((f.name, kind, default, str(f.metadata.get("help", ""))))
+    return rows
+
+
 class Method(ABC):
     """Base class of every fine-tuning method. Only :meth:`wrap` is required."""
 
