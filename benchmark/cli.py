@@ -9,6 +9,7 @@ a fraction of a second instead of the seconds torch, transformers and lm-eval ta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.errors import UserError
+from benchmark.progress import quiet_environment, silence_libraries
 
 logger = logging.getLogger("benchmark")
 OFFLINE_VARS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0",
@@ -33,6 +35,46 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"invalid seeds {text!r}: expected comma-separated integers, e.g. 0,1,2")
 
 
+def _limit(text: str) -> int | float:
+    """``--limit``: a positive number of examples per task, or a fraction in (0, 1) of each task's examples."""
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = 0
+        ok = 0 < value < 1  # also false for nan and inf; 1.0 or 2.5 is neither a count nor a fraction
+    else:
+        ok = value >= 1
+    if not ok:
+        raise argparse.ArgumentTypeError(f"invalid limit {text!r}: expected a positive integer (examples per task) "
+                                         f"or a fraction between 0 and 1 (of each task's examples), e.g. 100 or 0.1")
+    return value
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("forgetbench")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _verbosity(default: Any) -> argparse.ArgumentParser:
+    """``-q``/``-v`` as a parent parser, so both work before and after the subcommand.
+
+    The subcommands get ``default=SUPPRESS``: otherwise their default (False) would overwrite a ``-q`` given
+    before the subcommand.
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="no progress bars (ours, lm-eval's, transformers', datasets'), warnings only")
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    return p
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line (``error: ...``, exit code 2) instead of usage + error."""
 
@@ -42,12 +84,14 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="forgetbench", description="Continual fine-tuning benchmark: "
-                                "downstream score versus forgetting of general knowledge.")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+                                "downstream score versus forgetting of general knowledge.",
+                parents=[_verbosity(False)])
+    p.add_argument("--version", action="version", version=f"forgetbench {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
+    common = [_verbosity(argparse.SUPPRESS)]
 
-    run = sub.add_parser("run", help="fine-tune a base model on a task sequence, once per method and seed")
+    run = sub.add_parser("run", parents=common,
+                         help="fine-tune a base model on a task sequence, once per method and seed")
     what = run.add_argument_group("what to run")
     what.add_argument("--methods", type=_csv, help="comma-separated method names (default: full_ft,lora)")
     what.add_argument("--sequence", help="sequence name (default: tiny-world)")
@@ -58,9 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--config", help="YAML experiment config")
     how.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. train.lr=3e-4 or methods.lora.r=16 (repeatable)")
-    how.add_argument("--limit", type=int, help="evaluate at most N examples per task (quick checks)")
+    how.add_argument("--limit", type=_limit, metavar="N",
+                     help="evaluate at most N examples per task, or a fraction 0 < N < 1 of each task's examples "
+                          "(quick checks)")
     how.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
-    how.add_argument("--dry-run", action="store_true", help="print the plan (methods x seeds x stages) and exit")
+    how.add_argument("--dry-run", action="store_true",
+                     help="print the plan (methods x seeds x stages) and whether each run is new, resumes from a "
+                          "checkpoint or is done, and exit")
     how.add_argument("--force", action="store_true",
                      help="redo runs that already finished and drop their checkpoints (default: skip finished "
                           "runs, resume unfinished ones from their last finished stage)")
@@ -93,11 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="any parameter of submitit's SlurmExecutor (sbatch options: mem=64G, qos=high, "
                              "account=..., cpus_per_task=8, 'setup=[\"source .venv/bin/activate\"]'; repeatable)")
 
-    ls = sub.add_parser("ls", help="list registered methods, tasks or sequences and where each came from")
+    ls = sub.add_parser("ls", parents=common,
+                        help="list registered methods, tasks or sequences and where each came from")
     ls.add_argument("what", choices=["methods", "tasks", "sequences", "suites"])
+    ls.add_argument("--options", metavar="METHOD",
+                    help="with `ls methods`: the method's options (name, type, default, help)")
 
-    prep = sub.add_parser("prepare", help="download every dataset (and lm-eval task, and optionally the model) a "
-                          "run needs into one folder, with a manifest, for offline machines")
+    prep = sub.add_parser("prepare", parents=common,
+                          help="download every dataset (and lm-eval task, and optionally the model) a run needs into "
+                               "one folder, with a manifest, for offline machines")
     prep.add_argument("--sequence", help="sequence name (see `ls sequences`); may be left out with a built-in --model")
     prep.add_argument("--general", metavar="SUITE", help="general suite name or YAML (default: the sequence's)")
     prep.add_argument("--cache", "--data-dir", dest="cache", metavar="DIR",
@@ -108,11 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--set", action="append", default=[], metavar="ROOT=DIR",
                       help="a local dataset root, e.g. --set trace=/data/LLM-CL-Benchmark_5000 (repeatable)")
 
-    lb = sub.add_parser("leaderboard", help="rebuild the leaderboard, CSVs and plots from run records")
+    lb = sub.add_parser("leaderboard", parents=common,
+                        help="rebuild the leaderboard, CSVs and plots from run records")
     lb.add_argument("--results", nargs="+", required=True, help="result directories to merge")
     lb.add_argument("--output", help="where to write (default: the first results directory)")
 
-    ev = sub.add_parser("evaluate",
+    ev = sub.add_parser("evaluate", parents=common,
                         help="re-score the kept weights of every run of a results folder on another suite, without "
                              "training; the scores join the records (extra_general) and the leaderboard is rebuilt")
     ev.add_argument("--results", required=True, metavar="DIR", help="results directory (with runs/ and weights/)")
@@ -175,6 +228,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.prepare import configure_data_env
 
     configure_data_env(cfg.data_dir, cfg.data_roots)  # before anything imports `datasets`
+    if args.quiet:
+        silence_libraries()
 
     from benchmark.runner import describe, run_experiment
     from benchmark.validate import validate
@@ -184,18 +239,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         from benchmark.launch import describe_jobs, sweep
 
         if args.dry_run:
-            print(describe(plan) + "\n" + describe_jobs(plan, launch, args.force))
+            print(describe(plan, args.force) + "\n" + describe_jobs(plan, launch, args.force))
             return 0
         rc, summary = sweep(plan, launch, args.force, logging.getLogger().getEffectiveLevel())
         print(summary)
         return rc
     if args.dry_run:
-        print(describe(plan))
+        print(describe(plan, args.force))
         return 0
     return run_experiment(cfg, quiet=args.quiet, force=args.force, plan=plan)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    if args.options is not None:
+        if args.what != "methods":
+            raise UserError(f"--options goes with `ls methods`, not `ls {args.what}`")
+        return _print_method_options(args.options)
     if args.what == "methods":
         from methods import METHODS as reg
     else:
@@ -204,11 +263,29 @@ def cmd_ls(args: argparse.Namespace) -> int:
         reg = {"tasks": TASKS, "sequences": SEQUENCES, "suites": SUITES}[args.what]
     width = max((len(n) for n in reg.names()), default=0)
     for name in reg.names():
-        extra = ""
-        if args.what == "tasks":
-            spec = reg.get(name)
-            extra = f"  [{getattr(spec, 'group', '?')}, {getattr(spec, 'kind', '?')}]"
+        extra = _task_summary(reg.get(name)) if args.what == "tasks" else ""
         print(f"{name:<{width}}  {reg.origin(name)}{extra}")
+    return 0
+
+
+def _task_summary(spec: Any) -> str:
+    """Group, kind and metric of a task, then its description on the same line."""
+    tags = [str(getattr(spec, a, "?")) for a in ("group", "kind", "metric")]
+    description = " ".join(str(getattr(spec, "description", "") or "").split())
+    return f"  [{', '.join(tags)}]" + (f"  {description}" if description else "")
+
+
+def _print_method_options(name: str) -> int:
+    """``ls methods --options NAME``: one line per option of the method's config (name, type, default, help)."""
+    from methods import METHODS
+    from methods.base import config_options
+
+    rows = [(n, t, "(required)" if d is dataclasses.MISSING else repr(d), h)
+            for n, t, d, h in config_options(METHODS.get(name).config_cls)]  # unknown name: UserError
+    widths = [max([len(r[i]) for r in rows] + [len(h)]) for i, h in enumerate(("option", "type", "default"))]
+    print(f"options of method {name} (set with --set methods.{name}.OPTION=VALUE):")
+    for row in [("option", "type", "default", "help")] + rows:
+        print("  " + "  ".join(f"{c:<{w}}" for c, w in zip(row[:3], widths)) + "  " + row[3])
     return 0
 
 
@@ -259,6 +336,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from benchmark.prepare import configure_data_env
 
     configure_data_env(None)  # before anything imports `datasets`
+    if args.quiet:
+        silence_libraries()
     from benchmark.rescore import make_request, rescore
 
     request = make_request(args.results, args.general, args.tasks, args.stages)  # checked before any write
@@ -275,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.quiet:  # before any command imports tqdm, datasets or transformers (they read these on import)
+        quiet_environment()
     level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("lm-eval", "lm_eval", "datasets", "transformers", "accelerate", "httpx", "urllib3"):
@@ -289,3 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ls tasks | head`: the reader left; say nothing more (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
