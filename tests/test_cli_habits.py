@@ -157,3 +157,15 @@ def test_auto_batch_fraction_limit_and_dry_run_status(tmp_path, cache_dir, capsy
     checkpoint.remove(checkpoint_dir(out, full.run_id))
     assert main(argv + ["--dry-run"]) == 0
     assert "run full_ft seed 0: new" in capsys.readouterr().out
+
+
+def test_tables_keep_auto_and_fractions_as_configured():
+    from benchmark.tables import setting_value, smallest_setting, typed_frame
+
+    assert [setting_value(v) for v in (16, 16.0, 0.5, "auto", None, float("nan"))] == [16, 16, 0.5, "auto", None,
+                                                                                       None]
+    assert smallest_setting([32, "auto", 16]) == 16 and smallest_setting(["auto", None]) == "auto"
+    assert smallest_setting([None]) is None
+    df = typed_frame([{"a": 1, "b": 16.0}, {"a": 2, "b": "auto"}, {"a": 3, "b": None}], ["a", "b"], ints=["a"],
+                     settings=["b"])
+    assert df.to_csv(index=False) == "a,b\n1,16\n2,auto\n3,\n"
