@@ -19,9 +19,9 @@ import pandas as pd
 from benchmark import metrics
 from benchmark.metrics import MetricValue
 from benchmark.records import SCHEMA_VERSION, RunRecord, atomic_write_text, general_floor, load_records, task_floors
-from benchmark.tables import (ROUTING_COLUMNS, ROUTING_FLOATS, ROUTING_INTS, SCORE_COLUMNS, SCORE_FLOATS, SCORE_INTS,
-                              SCORE_SETTINGS, display_name, method_variants, routing_rows, score_rows,
-                              smallest_setting, typed_frame)
+from benchmark.tables import (EXTRA_COLUMNS, ROUTING_COLUMNS, ROUTING_FLOATS, ROUTING_INTS, SCORE_COLUMNS,
+                              SCORE_FLOATS, SCORE_INTS, SCORE_SETTINGS, display_name, extra_score_rows,
+                              method_variants, routing_rows, score_rows, smallest_setting, typed_frame)
 
 logger = logging.getLogger(__name__)
 METRIC_NAMES = list(metrics.METRICS)
@@ -299,12 +299,15 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def write_all(out_dir: str | Path, result_dirs: list[str | Path] | None = None, plots: bool = True) -> pd.DataFrame:
-    """(Re)write scores.csv, runs.csv, routing.csv, leaderboard.csv/.md, plots and report.html under ``out_dir``."""
+    """(Re)write scores.csv, extra_scores.csv, runs.csv, routing.csv, leaderboard.csv/.md, plots and report.html
+    under ``out_dir``."""
     out_dir = Path(out_dir)
     records = load_records(result_dirs or [out_dir])
     tables = {
         "scores.csv": typed_frame([row for r in records for row in score_rows(r)], SCORE_COLUMNS, SCORE_INTS,
                                   SCORE_FLOATS, SCORE_SETTINGS),
+        "extra_scores.csv": typed_frame([row for r in records for row in extra_score_rows(r)], EXTRA_COLUMNS,
+                                        SCORE_INTS, SCORE_FLOATS, SCORE_SETTINGS),
         "routing.csv": typed_frame([row for r in records for row in routing_rows(r)], ROUTING_COLUMNS, ROUTING_INTS,
                                    ROUTING_FLOATS),
         "runs.csv": runs_table(records),

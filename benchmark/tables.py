@@ -1,4 +1,5 @@
-"""Tidy tables of run records: one row per measured score (``scores.csv``) and per diagnostic (``routing.csv``).
+"""Tidy tables of run records: one row per measured score (``scores.csv``; ``extra_scores.csv`` for re-scored
+suites) and per diagnostic (``routing.csv``).
 
 The columns of these CSVs are declared here (``*_COLUMNS``) and documented in ``results/README.md``; bump
 :data:`benchmark.records.SCHEMA_VERSION` whenever a column changes meaning, is added or is removed.
@@ -17,6 +18,9 @@ from benchmark.records import SCHEMA_VERSION, RunRecord
 
 SCORE_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence", "sequence_id", "seed", "status",
                  "stage", "stage_task", "task", "task_group", "metric", "value", "n_examples", "eval_batch_size"]
+# scores of kept weights on suites the runs were not made with (records' extra_general; ``evaluate``)
+EXTRA_COLUMNS = (SCORE_COLUMNS[:SCORE_COLUMNS.index("task")] + ["suite", "suite_id"]
+                 + [c for c in SCORE_COLUMNS[SCORE_COLUMNS.index("task"):] if c != "task_group"])
 ROUTING_COLUMNS = ["schema_version", "run_id", "kind", "method", "model", "sequence_id", "seed", "stage",
                    "diagnostic", "value"]
 SCORE_INTS, SCORE_FLOATS = ["seed", "stage", "n_examples"], ["value"]
@@ -122,6 +126,21 @@ def score_rows(rec: RunRecord) -> list[dict[str, Any]]:
                              "task": name, "task_group": group,
                              "metric": rec.metric_names.get(name, "score"), "value": value,
                              "n_examples": n_ex.get(name), "eval_batch_size": batch})
+    return rows
+
+
+def extra_score_rows(rec: RunRecord) -> list[dict[str, Any]]:
+    """Tidy rows (one per suite x stage x task) of the re-scored suites of one run record (``extra_general``)."""
+    rows = []
+    order, ident = _stage_names(rec), _identity(rec)
+    batch = (rec.config.get("eval") or {}).get("batch_size")
+    for name, suite in rec.extra_general.items():
+        for stage, row in zip(suite.stages, suite.G):
+            for task, value in zip(suite.tasks, row):
+                rows.append({**ident, "status": rec.status, "stage": stage,
+                             "stage_task": order[stage] if stage < len(order) else str(stage), "suite": name,
+                             "suite_id": suite.suite_id, "task": task, "metric": suite.metric_names.get(task, "score"),
+                             "value": value, "n_examples": suite.n_examples.get(task), "eval_batch_size": batch})
     return rows
 
 

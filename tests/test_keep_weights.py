@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -88,6 +89,9 @@ def test_final_weights_reload_and_rescore_on_another_suite_without_training(tmp_
     assert _record(out, FULL) == before[FULL], "a run without kept weights is left as it was"
     on_disk = json.loads((out / "runs" / f"{LORA}.json").read_text())
     assert on_disk["extra_general"]["tiny-world-val"]["G"] == extra.G  # what results/README.md documents
+    table = pd.read_csv(out / "extra_scores.csv")  # the rebuilt tables list them, one row per stage x task
+    assert len(table) == 2 * 4 and set(table["run_id"]) == {LORA} and set(table["suite"]) == {"tiny-world-val"}
+    assert list(table["value"]) == [v for row in extra.G for v in row] and set(table["stage"]) == {0, 3}
 
     # a second evaluate is served from the cache and changes nothing
     caplog.clear()
