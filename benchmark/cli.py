@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--stages", choices=["final", "all"], default="all",
                     help="final: the last stage only; all: every stage whose weights were kept (default); the base "
                          "model is always scored")
+    ev.add_argument("--data-dir", metavar="DIR", help="prepared datasets the runs were made with (from `prepare`; "
+                    "default $FORGETBENCH_DATA or ~/.cache/forgetbench/data)")
     return p
 
 
@@ -335,7 +337,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         os.environ.setdefault(k, v)
     from benchmark.prepare import configure_data_env
 
-    configure_data_env(None)  # before anything imports `datasets`
+    configure_data_env(args.data_dir)  # before anything imports `datasets`
     if args.quiet:
         silence_libraries()
     from benchmark.rescore import make_request, rescore
