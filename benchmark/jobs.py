@@ -22,6 +22,7 @@ from benchmark.builtin_models import model_label, model_source
 from benchmark.config import ExperimentConfig
 from benchmark.locks import RunLock, exclusive
 from benchmark.paths import lock_path, record_path, safe_component, under
+from benchmark.progress import quiet_environment, silence_libraries
 from benchmark.records import RunRecord, finished_result, read_record, write_record
 
 if TYPE_CHECKING:  # the plan pulls in lm-eval and `datasets`, which a job may import only after its data setup
@@ -85,6 +86,7 @@ def pending_jobs(plan: Plan, jobs: list[RunJob], force: bool) -> list[RunJob]:
 
 def run_job(cfg: ExperimentConfig, run_id: str, force: bool, log_level: int, distributed: bool) -> int:
     """The body of one job (pickled by reference): the in-process path on one run; returns its exit code."""
+    quiet_environment()  # no progress bars in a log file: lm-eval's and the libraries' too, not only ours
     configure_logging(log_level)
     if distributed:  # before anything builds the Accelerator: RANK, WORLD_SIZE, MASTER_ADDR from the job's tasks
         import submitit
@@ -93,9 +95,10 @@ def run_job(cfg: ExperimentConfig, run_id: str, force: bool, log_level: int, dis
     from benchmark.prepare import configure_data_env
 
     configure_data_env(cfg.data_dir, cfg.data_roots)  # before anything imports `datasets`
+    silence_libraries()
     from benchmark.runner import run_experiment
 
-    return run_experiment(cfg, quiet=True, force=force, only=run_id)  # no progress bars in a log file
+    return run_experiment(cfg, quiet=True, force=force, only=run_id)
 
 
 def job_outcome(job: Any) -> str:

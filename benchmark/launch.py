@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchmark.errors import UserError
 from benchmark.jobs import RunJob, job_outcome, merge, merge_job, pending_jobs, plan_jobs, run_job
+from benchmark.progress import quiet_children
 
 if TYPE_CHECKING:  # the plan pulls in lm-eval; this module is imported before anything has checked the flags
     from benchmark.plan import Plan
@@ -171,8 +172,9 @@ def sweep(plan: Plan, opts: LaunchOptions, force: bool, log_level: int) -> tuple
     outcomes: dict[str, tuple[str, str]] = {}
     for job in pending:
         folder = Path(job.folder) / "submitit"
-        sub = submit(executor(opts, folder, job.run_id), job.run_id, submitted, run_job, job.config, job.run_id,
-                     force, log_level, opts.gpus > 1)
+        with quiet_children():  # a job writes a log file: no progress bars there
+            sub = submit(executor(opts, folder, job.run_id), job.run_id, submitted, run_job, job.config, job.run_id,
+                         force, log_level, opts.gpus > 1)
         logger.info("job %s: %s -> %s", sub.job_id, job.run_id, job.folder)
         submitted[job.run_id] = (sub.job_id, str(folder))
         if opts.launcher == "local":  # one at a time: a run already uses the cores it is given

@@ -9,7 +9,9 @@ explicitly, are turned off through the ``disable_tqdm`` argument of its model AP
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 QUIET_VARS = {
     "TQDM_DISABLE": "1",  # every tqdm bar that does not pass `disable` itself (lm-eval's "building contexts")
@@ -21,6 +23,22 @@ QUIET_VARS = {
 def quiet_environment() -> None:
     """Set the libraries' progress-bar switches in the environment (call before they are imported)."""
     os.environ.update(QUIET_VARS)
+
+
+@contextlib.contextmanager
+def quiet_children() -> Iterator[None]:
+    """:data:`QUIET_VARS` in the environment only while it is open: for processes started inside it (a job inherits
+    its launcher's environment and reads them on import), leaving this process's own bars as they were."""
+    saved = {k: os.environ.get(k) for k in QUIET_VARS}
+    os.environ.update(QUIET_VARS)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def silence_libraries() -> None:

@@ -169,3 +169,14 @@ def test_tables_keep_auto_and_fractions_as_configured():
     df = typed_frame([{"a": 1, "b": 16.0}, {"a": 2, "b": "auto"}, {"a": 3, "b": None}], ["a", "b"], ints=["a"],
                      settings=["b"])
     assert df.to_csv(index=False) == "a,b\n1,16\n2,auto\n3,\n"
+
+
+def test_quiet_children_sets_the_switches_only_while_open(monkeypatch):
+    from benchmark.progress import QUIET_VARS, bars_disabled, quiet_children
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    with quiet_children():
+        assert all(os.environ[k] == v for k, v in QUIET_VARS.items()) and bars_disabled()
+    assert "TQDM_DISABLE" not in os.environ and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
+    assert not bars_disabled()
