@@ -24,7 +24,7 @@ from benchmark import weights
 from benchmark.config import ExperimentConfig, build_dataclass
 from benchmark.errors import UserError
 from benchmark.evalcache import model_hash, stage_model_key
-from benchmark.evaluate import LM_EVAL_PREFIX, spec_metric
+from benchmark.evaluate import LM_EVAL_PREFIX, all_included, spec_metric
 from benchmark.locks import RunLock
 from benchmark.models import load_base, load_tokenizer, prepare_for_training
 from benchmark.paths import lock_path, record_path
@@ -81,11 +81,24 @@ def make_request(results: str, general: str | None, tasks: list[str] | None, sta
     extra = [t for t in dict.fromkeys(tasks or []) if t not in suite.tasks]
     name = "+".join(([suite.name or Path(general).stem] if general is not None else []) + extra)
     suite = dataclasses.replace(suite, tasks=suite.tasks + extra, name=name)
-    for spec in local_specs(suite):  # lm-eval's own tasks are checked by lm-eval when they are scored
+    for spec in local_specs(suite):
         for split in spec.data:
             if not spec.path(split).is_file():
                 raise UserError(f"task {spec.name!r}: {split} data file not found: {str(spec.path(split))!r}")
+    builtin = [n[len(LM_EVAL_PREFIX):] for n in suite.tasks if n.startswith(LM_EVAL_PREFIX)]
+    if builtin:
+        check_lm_eval_tasks(builtin, suite.include_dir())
     return Request(folder, suite, name, stages)
+
+
+def check_lm_eval_tasks(names: list[str], include_path: str | None) -> None:
+    """Every name is one of lm-eval's tasks or groups (or defined under the suite's include path)."""
+    from lm_eval.tasks import TaskManager  # deferred: lm-eval takes seconds to import, its index seconds to build
+
+    manager = TaskManager(include_path=include_path, include_defaults=not all_included(names, include_path))
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown lm-eval task(s): {', '.join(LM_EVAL_PREFIX + n for n in unknown)}")
 
 
 def local_specs(suite: GeneralSuite) -> list[Any]:
@@ -115,10 +128,8 @@ def rescore(req: Request) -> Summary:
             fresh.extra_general[req.name] = merged(fresh.extra_general.get(req.name), entry)
             write_record(record_path(out, rec.run_id), fresh)
             summary.rescored.append(rec.run_id)
-        except SkipRun as exc:
+        except (SkipRun, UserError) as exc:  # the command line was checked before: this is about one run
             summary.skipped[rec.run_id] = str(exc)
-        except UserError:
-            raise
         except Exception as exc:  # one run's failure (a damaged file, out of memory) leaves the others to go on
             summary.failed[rec.run_id] = f"{type(exc).__name__}: {exc}"
         finally:

@@ -147,6 +147,7 @@ def test_a_damaged_weights_file_is_refused(tmp_path):
     (["--results", "{ok}"], "needs a suite"),
     (["--results", "{ok}", "--general", "tiny-wrld-val"], "tiny-wrld-val"),
     (["--results", "{ok}", "--tasks", "tw_nope"], "tw_nope"),
+    (["--results", "{ok}", "--tasks", "tw_capital_val,lm_eval:no_such_task"], "lm_eval:no_such_task"),
 ])
 def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     folders = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "ok": tmp_path / "ok"}
