@@ -138,13 +138,18 @@ def _run_stages(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
     return rec
 
 
-def _resume(ck: checkpoint.StageCheckpoint, method: Any, model: Any, gen: torch.Generator, inputs: dict[str, Any],
-            base_hash: str, where: str) -> None:
-    """Put the model, the RNG streams and the thread count back as they were after stage ``ck.stage``."""
+def restore_checkpoint(ck: checkpoint.StageCheckpoint, method: Any, model: Any, gen: torch.Generator,
+                       inputs: dict[str, Any], base_hash: str, where: str, policy: str) -> None:
+    """Put the model, the RNG streams and the thread count back as they were after stage ``ck.stage``.
+
+    The precision policy is applied first: a checkpoint holds the trainable weights in their training dtype
+    (fp32 under ``bf16-mixed``), and loading them into the bf16 base parameters would round them.
+    """
     diff = first_difference(ck.meta.get("inputs"), inputs)
     if diff or ck.meta.get("base_model_hash") != base_hash:
         raise RuntimeError(f"checkpoint {where} was made with other settings "
                            f"({diff or 'the base model weights changed'}); rerun with --force to start over")
+    apply_policy(model, policy)
     method.load_trainable_state(model, ck.trainable)
     threads = ck.meta.get("torch_threads")
     if threads and threads != torch.get_num_threads():  # CPU results depend on it (restored after the run)
@@ -181,7 +186,8 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
     ck = checkpoint.load_latest(ckpt_dir)
     done = 0
     if ck is not None:
-        _resume(ck, method, model, gen, inputs, base_hash, f"{run.run_id} stage {ck.stage}")
+        restore_checkpoint(ck, method, model, gen, inputs, base_hash, f"{run.run_id} stage {ck.stage}",
+                           resolve_precision(cfg.train.precision, accelerator.device.type))
         resumed = RunRecord.from_dict(ck.meta["record"])
         resumed.git, resumed.env = git_info(), environment()
         resumed.resumed_from = resumed.resumed_from + [ck.stage]

@@ -24,7 +24,7 @@ import torch
 from benchmark import checkpoint
 from benchmark.evalcache import EvalCache, eval_key, model_hash
 from benchmark.records import first_difference
-from tests.conftest import TINY_RUN
+from tests.conftest import TINY_RUN, make_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 # enough steps that a stage takes a moment; one thread so both processes compute the same numbers
@@ -245,3 +245,22 @@ def test_eval_cache_hits_only_on_identical_content(tmp_path, task_copy, tiny_lla
     assert cache.get(key, parts) is None
     entry.write_text("{not json")
     assert cache.get(key, parts) is None
+
+
+def test_resume_under_bf16_mixed_keeps_the_fp32_trainable_weights_exactly(tiny_llama):
+    """A full fine-tune under bf16-mixed trains fp32 weights on a bf16 base; its checkpoint holds fp32 values that
+    bf16 cannot represent, and restoring them must not round them through the bf16 parameters."""
+    from benchmark.stages import restore_checkpoint
+    from methods import METHODS
+
+    method = METHODS.get("full_ft")()
+    state = {n: (torch.full_like(p, 1.0, dtype=torch.float32) + 2.0 ** -12)  # 1 + 2^-12: not a bf16 number
+             for n, p in method.wrap(make_tiny_llama()).named_parameters()}
+    tensors, meta = checkpoint.capture_rng()
+    ck = checkpoint.StageCheckpoint(stage=1, trainable=state, rng_tensors=tensors,
+                                    meta={"inputs": {}, "base_model_hash": "h", "rng": meta})
+    model = method.wrap(tiny_llama.to(torch.bfloat16))  # the base as load_base stores it under bf16-mixed
+    restore_checkpoint(ck, method, model, torch.Generator(), {}, "h", "test", "bf16-mixed")
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32, name
+        assert torch.equal(p.detach(), state[name]), name
