@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(method x seed) plan, e.g. 1/4 on the first of four machines")
     how.add_argument("--data-dir", metavar="DIR", help="prepared datasets (from `prepare`; default "
                      "$FORGETBENCH_DATA or ~/.cache/forgetbench/data)")
+    how.add_argument("--report-to", type=_csv, metavar="TRACKERS",
+                     help="also log per-step losses and per-stage scores to tensorboard, wandb and/or mlflow "
+                          "(comma-separated; through accelerate, under OUTPUT/trackers/, wandb offline unless "
+                          "WANDB_MODE is set)")
     how.add_argument("--keep-weights", choices=["none", "final", "all"],
                      help="keep the trainable state (adapters only for PEFT methods) of no stage, the final one or "
                           "every one under OUTPUT/weights/<run_id>/, for `evaluate` (default: final; none for a "
@@ -203,7 +207,7 @@ def run_config(args: argparse.Namespace) -> Any:
         base["seeds"] = args.seeds
     for key, value in (("sequence", args.sequence), ("output", args.output), ("reference", args.reference),
                        ("general", args.general), ("shard", args.shard), ("data_dir", args.data_dir),
-                       ("keep_weights", args.keep_weights)):
+                       ("keep_weights", args.keep_weights), ("report_to", args.report_to)):
         if value is not None:
             base[key] = value
     model = dict(base.get("model") or {})

@@ -29,6 +29,7 @@ REFERENCES = ("joint",)  # upper-bound runs a plan can add (benchmark/reference.
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 SCHEDULERS = ("constant", "cosine", "linear")
 KEEP_WEIGHTS = ("auto", "none", "final", "all")  # benchmark/weights.py
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # accelerate's trackers (benchmark/trackers.py)
 
 
 def check_reference(name: str | None) -> None:
@@ -178,6 +179,8 @@ class ExperimentConfig:
     # which stages' trainable state outlives a finished run (benchmark/weights.py); auto: final, or none for a
     # method that trains every parameter. Changes no number: at the top level, outside the result inputs
     keep_weights: str = "auto"
+    # experiment trackers every run logs its per-step losses and per-stage scores to; changes no number
+    report_to: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -202,6 +205,9 @@ class ExperimentConfig:
             raise UserError(f"invalid keep_weights: {self.keep_weights!r}; valid: {', '.join(KEEP_WEIGHTS)}")
         if self.shard is not None:
             parse_shard(self.shard)
+        bad = [t for t in self.report_to if t not in TRACKERS]
+        if bad:
+            raise UserError(f"invalid report_to: {', '.join(map(repr, bad))}; valid: {', '.join(TRACKERS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

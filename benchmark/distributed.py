@@ -37,8 +37,10 @@ TIMEOUT = timedelta(hours=24)
 UNSUPPORTED = {"DEEPSPEED", "XLA", "MEGATRON_LM"}
 
 
-def make_accelerator() -> Any:
+def make_accelerator(**kwargs: Any) -> Any:
     """The run's ``Accelerator``: CPU when no GPU, a long collective timeout, unused parameters tolerated.
+
+    ``kwargs`` go to ``Accelerator`` (the trackers: :func:`benchmark.trackers.tracker_kwargs`).
 
     ``find_unused_parameters`` is on because mixture-of-experts methods leave some experts unused in a batch.
     """
@@ -48,7 +50,7 @@ def make_accelerator() -> Any:
 
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=TIMEOUT),
-                                       DistributedDataParallelKwargs(find_unused_parameters=True)])
+                                       DistributedDataParallelKwargs(find_unused_parameters=True)], **kwargs)
     if DistributedType(acc.distributed_type).name in UNSUPPORTED:
         raise UserError(f"accelerate distributed type {acc.distributed_type.value} is not supported; valid: a DDP "
                         f"config (examples/accelerate/ddp.yaml) or FSDP2 (examples/accelerate/fsdp.yaml)")

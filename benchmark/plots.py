@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from benchmark.curves import loss_figure
 from benchmark.heatmaps import heatmap_figure, mean_heatmap_figure
 from benchmark.plotkit import Label, Placer, marker_box, method_styles, renderer_of, save_png, slug, to_float
 from benchmark.records import RunRecord
@@ -173,7 +174,7 @@ def write_plots(out_dir: str | Path, records: list[RunRecord], df: pd.DataFrame)
     variants = method_variants(records)
     names = {r.run_id: display_name(r.method, variants.get(r.run_id)) for r in records}
     styles = method_styles([names[r.run_id] for r in records if r.kind != "reference"])
-    images: Images = {"tradeoff": [], "general": [], "mean_heatmaps": [], "heatmaps": []}
+    images: Images = {"tradeoff": [], "general": [], "mean_heatmaps": [], "heatmaps": [], "losses": []}
     for (model, seq), group in (df.groupby(["model", "sequence_id"], sort=False) if not df.empty else []):
         name = f"{slug(model)}--{slug(seq)}.png"
         fig = tradeoff_figure(group, styles, f"Downstream score vs. general forgetting\n{model} on {seq}")
@@ -196,5 +197,8 @@ def write_plots(out_dir: str | Path, records: list[RunRecord], df: pd.DataFrame)
         fig = heatmap_figure(rec)
         if fig is not None:
             images["heatmaps"].append((rec.run_id, save_png(fig, plots / "heatmaps" / f"{slug(rec.run_id)}.png")))
+        fig = loss_figure(rec)
+        if fig is not None:
+            images["losses"].append((rec.run_id, save_png(fig, plots / "losses" / f"{slug(rec.run_id)}.png")))
     logger.info("wrote %d plots under %s", sum(len(v) for v in images.values()), plots)
     return images

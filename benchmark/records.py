@@ -139,6 +139,10 @@ class StageRow:
     model_key: str | None = field(default=None, metadata=OMIT)  # content hash of the model after this stage
     rank_model_keys: list[str] | None = field(default=None, metadata=OMIT)  # one per process: equal iff in sync
     samples: str | None = field(default=None, metadata=OMIT)  # per-sample file (eval.log_samples), relative
+    # [step, loss] per optimiser step (mean of consecutive steps past 1000 points: benchmark.train.downsample);
+    # the loss includes the method's aux loss, which aux_loss_curve holds alone for a method that has one
+    loss_curve: list[list[float]] | None = field(default=None, metadata=OMIT)
+    aux_loss_curve: list[list[float]] | None = field(default=None, metadata=OMIT)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

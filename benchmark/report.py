@@ -234,6 +234,9 @@ def render(df: pd.DataFrame, runs: pd.DataFrame, images: dict[str, list[tuple[st
     if images.get("heatmaps"):
         parts.append("<h2>R and G matrices per run</h2>")
         parts += [f"<details><summary>{html.escape(c)}</summary>{_img(c, p)}</details>" for c, p in images["heatmaps"]]
+    if images.get("losses"):
+        parts.append("<h2>Training loss per run</h2>")
+        parts += [f"<details><summary>{html.escape(c)}</summary>{_img(c, p)}</details>" for c, p in images["losses"]]
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

@@ -16,6 +16,7 @@ from benchmark import checkpoint
 from benchmark.builtin_models import ensure_builtin, is_builtin
 from benchmark.config import TINY_WORLD, ExperimentConfig
 from benchmark.distributed import make_accelerator
+from benchmark.trackers import tracker_kwargs
 from benchmark.errors import UserError
 from benchmark.leaderboard import write_all
 from benchmark.locks import exclusive
@@ -107,7 +108,7 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False, force: bool = Fal
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(cfg.output)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(**tracker_kwargs(cfg.report_to, cfg.output))
     # rank 0 builds (or fetches) the base; the others then find it cached. Before the output folder exists, so a
     # failed fetch leaves nothing behind.
     with accelerator.main_process_first():

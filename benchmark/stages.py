@@ -40,6 +40,7 @@ from benchmark.records import (Costs, RunRecord, StageRow, environment, finished
                                git_info, write_record)
 from benchmark.scoring import base_evaluation, cached_evaluation, peak_memory_mb, score_rows
 from benchmark.sharding import gather_into, shard_model
+from benchmark.trackers import finish_run, start_run
 from benchmark.train import train_stage
 from methods.base import StageData, TaskInfo
 from tasks.corpus import general_texts
@@ -114,6 +115,7 @@ def _run_stages(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
     rec = new_record(plan, run)
     clock = {"start": time.perf_counter(), "before": 0.0}  # wall time of this process / of earlier attempts
     threads_before = torch.get_num_threads()
+    start_run(accelerator, run.run_id, plan.cfg.to_dict())
     try:
         _stage_loop(plan, run, base_path, out_dir, accelerator, quiet, rec, clock)
         rec.status, rec.failed_stage = "success", None
@@ -125,6 +127,7 @@ def _run_stages(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
         rec.traceback = traceback.format_exc()
     finally:
         torch.set_num_threads(threads_before)
+        finish_run(accelerator)
     _free_memory()  # the loop's frame (model, optimizer, activations) is gone by now
     costs = rec.costs = rec.costs or Costs()
     costs.train_seconds = sum(s.train_seconds for s in rec.stages)
@@ -229,8 +232,9 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
         examples = [e for task in stage.tasks
                     for e in encode_task(task, tok, cfg.train.max_seq_len, chat=cfg.model.chat_template)]
         method.on_stage_data(model, info, StageData(examples, general, partial(collate, pad_id=tok.pad_token_id)))
+        offset = sum(s.steps or 0 for s in rec.stages)  # the tracker's step axis runs across the stages
         stats = train_stage(model, method, examples, stage.steps, cfg.train, lr, gen, tok.pad_token_id,
-                            accelerator, desc=f"{method_name} s{seed} {stage.name}", quiet=quiet)
+                            accelerator, desc=f"{method_name} s{seed} {stage.name}", quiet=quiet, step_offset=offset)
         method.on_task_end(model, info)
         if sharded:
             gather_into(model, twin)
@@ -245,7 +249,12 @@ def _stage_loop(plan: Plan, run: RunPlan, base_path: Path | None, out_dir: Path,
         rec.G.append(g)
         rec.stages.append(StageRow(stage=i, task=stage.name, steps=stats.steps, train_seconds=stats.seconds,
                                    eval_seconds=res.seconds, final_loss=stats.final_loss, tokens=stats.tokens,
-                                   model_key=key, rank_model_keys=gather_objects(key), samples=res.samples))
+                                   model_key=key, rank_model_keys=gather_objects(key), samples=res.samples,
+                                   loss_curve=stats.loss_curve, aux_loss_curve=stats.aux_curve))
+        if accelerator.trackers:
+            accelerator.log({**{f"eval/{t.name}": v for t, v in zip(plan.tasks, r)},
+                             "eval/general_mean": float(np.mean(g)) if g else float("nan")},
+                            step=offset + stats.steps)
         rec.diagnostics.append({"stage": i, **(on_main(lambda: method.diagnostics(twin)) if sharded
                                                else method.diagnostics(model))})
         if weights.keeps_stage(keep, i, len(run.stages)):  # before the checkpoint, whose record says so

@@ -6,9 +6,10 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -26,6 +27,9 @@ class DivergenceError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+CURVE_POINTS = 1000  # at most this many points per stage in a run record's loss curve
+
+
 @dataclass
 class StageStats:
     steps: int
@@ -33,6 +37,17 @@ class StageStats:
     final_loss: float
     mean_loss: float
     tokens: int
+    loss_curve: list[list[float]] = field(default_factory=list)  # [step, loss] (with the aux loss), downsampled
+    aux_curve: list[list[float]] | None = None  # [step, method's aux loss]; None for a method without one
+
+
+def downsample(values: list[float], max_points: int = CURVE_POINTS) -> list[list[float]]:
+    """``[[step, value], ...]`` (steps from 1): every step when there are at most ``max_points``, else the mean
+    of ``max_points`` consecutive, near-equal chunks, each at its last step (so the curve's area is kept)."""
+    if len(values) <= max_points:
+        return [[i + 1, v] for i, v in enumerate(values)]
+    bounds = np.linspace(0, len(values), max_points + 1).round().astype(int)
+    return [[int(hi), float(np.mean(values[lo:hi]))] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 class _NoHooks:
@@ -83,6 +98,7 @@ def train_stage(
     check_every: int = 0,
     should_stop: Any = None,
     data_parallel: bool = True,
+    step_offset: int = 0,
 ) -> StageStats:
     """Train ``steps`` optimiser steps on ``examples``; loss = LM loss + ``method.aux_loss``.
 
@@ -118,11 +134,11 @@ def train_stage(
     if not sharded:  # accelerate's FSDP2 prepare wants the model with the optimizer; the model is sharded already
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     model.train()
-    t0, losses, tokens = time.perf_counter(), [], 0
+    t0, losses, aux_losses, tokens = time.perf_counter(), [], [], 0
     bar = tqdm(total=steps, desc=desc, leave=False, disable=quiet or not accelerator.is_main_process)
     mixture = method.batch_mixture()  # e.g. replayed rows: drawn inside every global batch, before rank slicing
     for step, batch in enumerate(batches(examples, cfg.batch_size, steps, generator, pad_id, mixture), start=1):
-        step_loss = 0.0
+        step_loss, step_aux = 0.0, None
         for m in range(cfg.grad_accum):
             part = {k: v[m * micro:(m + 1) * micro][rank::world].to(accelerator.device) for k, v in batch.items()}
             if part["input_ids"].shape[0] == 0:
@@ -142,6 +158,7 @@ def train_stage(
                 aux = method.aux_loss(inner)
                 if aux is not None:
                     loss = loss + aux
+                    step_aux = (step_aux or 0.0) + float(aux.detach()) * weight
                 if not _all_finite(loss, world):
                     raise DivergenceError(f"non-finite loss {loss.item()} at step {step} of {desc}")
                 accelerator.backward(loss * weight)
@@ -158,7 +175,16 @@ def train_stage(
         method.on_step(inner, step)
         if world > 1:  # each process summed its slice: the batch mean is the mean over processes
             step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
+            if step_aux is not None:
+                step_aux = float(accelerator.reduce(torch.tensor(step_aux, device=accelerator.device), "mean"))
         losses.append(step_loss)
+        if step_aux is not None:
+            aux_losses.append(step_aux)
+        if accelerator.trackers:  # --report-to: every step, on one step axis across the run's stages
+            logged = {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}
+            if step_aux is not None:
+                logged["train/aux_loss"] = step_aux
+            accelerator.log(logged, step=step_offset + step)
         bar.update(1)
         if step % 10 == 0 or step == steps:
             bar.set_postfix(loss=f"{step_loss:.3f}")
@@ -168,4 +194,5 @@ def train_stage(
     del model, optimizer, scheduler
     accelerator.free_memory()  # drop this stage's DDP wrapper and optimizer state before the next stage
     return StageStats(steps=len(losses), seconds=time.perf_counter() - t0, final_loss=losses[-1],
-                      mean_loss=sum(losses) / len(losses), tokens=tokens)
+                      mean_loss=sum(losses) / len(losses), tokens=tokens, loss_curve=downsample(losses),
+                      aux_curve=downsample(aux_losses) if len(aux_losses) == len(losses) else None)

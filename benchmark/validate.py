@@ -27,6 +27,7 @@ from benchmark.plan import Plan, make_plan, run_inputs
 from benchmark.records import finished_result, first_difference
 from benchmark.reference import all_runs
 from benchmark.sharding import check_launch, resolve_sharding
+from benchmark.trackers import check_trackers
 from methods import METHODS
 from tasks import SUITES
 from tasks.templates import compiled_template
@@ -45,6 +46,7 @@ def validate(cfg: ExperimentConfig, force: bool = False) -> Plan:
         if cls(mcfg).uses_general_text():
             check_corpus(name, plan)
     check_sharding(plan)
+    check_trackers(cfg.report_to)
     for spec in plan.tasks + plan.general:
         check_task_data(spec)
     check_existing(plan, force)

@@ -123,10 +123,11 @@ LAYERS = {
     2: {"benchmark.config", "benchmark.records", "benchmark.tables", "benchmark.tokens", "benchmark.data",
         "benchmark.evaluate", "benchmark.models", "benchmark.builtin_models", "benchmark.train",
         "benchmark.precision", "benchmark.evalcache", "benchmark.checkpoint", "benchmark.distributed",
-        "benchmark.samples", "benchmark.sharding", "benchmark.weights"},
+        "benchmark.samples", "benchmark.sharding", "benchmark.weights",
+        "benchmark.trackers"},
     3: {"benchmark.plan", "benchmark.scoring", "benchmark.stages", "benchmark.reference"},
     4: {"benchmark.validate", "benchmark.runner", "benchmark.metrics", "benchmark.leaderboard", "benchmark.plots",
-        "benchmark.heatmaps", "benchmark.plotkit", "benchmark.report", "benchmark.prepare", "benchmark.jobs",
+        "benchmark.heatmaps", "benchmark.plotkit", "benchmark.curves", "benchmark.report", "benchmark.prepare", "benchmark.jobs",
         "benchmark.launch", "benchmark.rescore", "benchmark.cli", "benchmark.__main__"},
 }
 
