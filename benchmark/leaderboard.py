@@ -317,7 +317,7 @@ def write_all(out_dir: str | Path, result_dirs: list[str | Path] | None = None, 
     for name, table in tables.items():
         atomic_write_text(out_dir / name, table.to_csv(index=False))
     atomic_write_text(out_dir / "leaderboard.md", to_markdown(df))
-    images: dict[str, list[Path]] = {}
+    images: dict[str, list[tuple[str, Path]]] = {}  # view -> (caption, PNG)
     if plots and records:
         from benchmark import plots as plotting  # deferred: matplotlib takes a second to import
 
