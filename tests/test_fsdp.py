@@ -118,7 +118,7 @@ def _cmd(out: Path, methods: str, processes: int, sharding: str = "fsdp") -> lis
         cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                     "-m", "benchmark"]
     if sharding == "fsdp":  # recomputing activations inside the sharded blocks must not change a number
-        cmd += ["--set", "train.gradient_checkpointing=true"]
+        cmd += ["--set", "train.gradient_checkpointing=true", "--keep-weights", "final"]
     for s in SETTINGS:
         cmd += ["--set", s]
     return cmd
@@ -145,6 +145,8 @@ def test_fsdp_two_processes_match_one_process_and_resume_bit_identically(tmp_pat
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
     assert not [p for p in two.rglob("*") if p.name.startswith(".")], "only rank 0 writes, atomically"
+    kept = json.loads((two / "weights" / LORA / "stage-3" / "weights.json").read_text())
+    assert kept["model_key"] == _record(two, LORA)["stages"][-1]["model_key"]  # kept from the gathered state
 
     for method in ("full_ft", "lora"):
         run_id = f"{method}--tiny-world--tiny-world--seed0"
