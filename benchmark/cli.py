@@ -240,7 +240,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.runner import describe, run_experiment
     from benchmark.validate import validate
 
-    plan = validate(cfg, force=args.force)  # every check before anything is written
+    # every check before anything is written
+    plan = validate(cfg, force=args.force, job_processes=max(1, launch.gpus) if launch is not None else None)
     if launch is not None:
         from benchmark.launch import describe_jobs, sweep
 

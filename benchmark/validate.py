@@ -36,8 +36,12 @@ logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def validate(cfg: ExperimentConfig, force: bool = False) -> Plan:
-    """The validated :class:`Plan` of ``cfg``; raises :class:`UserError` on the first problem found."""
+def validate(cfg: ExperimentConfig, force: bool = False, job_processes: int | None = None) -> Plan:
+    """The validated :class:`Plan` of ``cfg``; raises :class:`UserError` on the first problem found.
+
+    ``job_processes``: with ``--launcher``, how many processes each job will start (they, not this process,
+    form the distributed group a sharded run needs).
+    """
     plan = make_plan(cfg)
     check_output(cfg.output)
     names = model_module_names(cfg.model)
@@ -45,7 +49,7 @@ def validate(cfg: ExperimentConfig, force: bool = False) -> Plan:
         check_method(name, cls, mcfg, names)
         if cls(mcfg).uses_general_text():
             check_corpus(name, plan)
-    check_sharding(plan)
+    check_sharding(plan, job_processes)
     check_trackers(cfg.report_to)
     for spec in plan.tasks + plan.general:
         check_task_data(spec)
@@ -118,7 +122,7 @@ def check_method(name: str, cls: type, mcfg: Any, module_names: set[str]) -> Non
         raise UserError(f"methods.{name}: {exc.args[0] if exc.args else exc}") from exc
 
 
-def check_sharding(plan: Plan) -> None:
+def check_sharding(plan: Plan, job_processes: int | None = None) -> None:
     """Under FSDP only shardable methods run, and only under a launcher.
 
     An accelerate FSDP launch config turns ``train.sharding`` to ``fsdp`` here, so the record says how the run
@@ -133,7 +137,11 @@ def check_sharding(plan: Plan) -> None:
         able = [n for n in METHODS.names() if METHODS.get(n).shardable]
         raise UserError(f"train.sharding=fsdp: method(s) {', '.join(refused)} cannot run sharded (they need whole "
                         f"parameters or add parameters mid-run); methods that can: {', '.join(able)}")
-    check_launch(cfg.train.sharding)
+    if job_processes is None:
+        check_launch(cfg.train.sharding)
+    elif job_processes < 2:  # a one-task job gets no rendezvous variables: nothing to shard over
+        raise UserError(f"train.sharding=fsdp with --launcher needs --gpus-per-run of 2 or more (one job of several "
+                        f"processes per run); got {job_processes}")
 
 
 def check_corpus(name: str, plan: Plan) -> None:

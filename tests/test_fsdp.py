@@ -228,3 +228,24 @@ def test_accelerate_fsdp_configs_we_do_not_implement_are_refused(env, words, cap
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert words in _refused(capsys, ["run", "--methods", "lora", "--dry-run"])
+
+
+def test_a_sharded_sweep_needs_jobs_of_several_processes(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # the submitting process is never part of the group
+    err = _refused(capsys, ["run", "--methods", "lora", "--set", "train.sharding=fsdp", "--launcher", "local",
+                            "--output", str(tmp_path / "o"), "--dry-run"])
+    assert "--gpus-per-run of 2 or more" in err and "got 1" in err
+
+
+@pytest.mark.slow
+def test_local_launcher_runs_a_sharded_job_of_two_processes(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["-q", "run", "--methods", "lora", "--output", str(tmp_path), "--launcher", "local", "--gpus-per-run", "2",
+            "--set", "train.sharding=fsdp"]
+    for s in TINY_RUN:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    rec = _record(tmp_path / "jobs" / LORA, LORA)
+    assert rec["config"]["train"]["sharding"] == "fsdp"
+    assert all(len(s["rank_model_keys"]) == 2 for s in rec["stages"])  # both processes of the job took part
+    assert (tmp_path / "leaderboard.csv").is_file()
