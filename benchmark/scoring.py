@@ -63,6 +63,28 @@ def evaluate_plan(plan: Plan, model: Any, tok: Any, log_samples: str = "none") -
                         apply_chat_template=plan.cfg.model.chat_template, log_samples=log_samples)
 
 
+def _model(model: Any) -> Any:
+    """The model itself, or what the builder function passed instead returns (see :func:`cached_evaluation`)."""
+    return model if isinstance(model, nn.Module) else model()
+
+
+def _with_samples(res: EvalResult, files: list[Path]) -> dict[str, Any]:
+    """The cache entry of an evaluation, after writing its samples file (whose writing counts as its cost)."""
+    seconds = res.seconds
+    if files:
+        t0 = time.perf_counter()
+        write_samples(files[0], [row for rows in res.samples.values() for row in rows])
+        seconds += time.perf_counter() - t0
+    return {"scores": res.scores, "n_examples": res.n_examples, "seconds": seconds}
+
+
+def _samples_field(files: list[Path], out_dir: Path) -> dict[str, str]:
+    """``{"samples": path relative to out_dir}`` of the samples file there is (else the one to write), or {}."""
+    if not files:
+        return {}
+    return {"samples": next((f for f in files if f.is_file()), files[0]).relative_to(out_dir).as_posix()}
+
+
 def cached_evaluation(plan: Plan, model: Any, tok: Any, model_key: str, out_dir: Path, label: str,
                       what: str) -> Scores:
     """Scores of ``model`` on every task (through the content-keyed cache), leaving the RNG streams untouched.
@@ -83,13 +105,7 @@ def cached_evaluation(plan: Plan, model: Any, tok: Any, model_key: str, out_dir:
         return Scores(result["scores"], result["n_examples"], 0.0 if hit else result["seconds"], result.get("samples"))
 
     def compute() -> dict[str, Any]:
-        res = evaluate_plan(plan, model if isinstance(model, nn.Module) else model(), tok, mode)
-        seconds = res.seconds
-        if files:
-            t0 = time.perf_counter()
-            write_samples(files[0], [row for rows in res.samples.values() for row in rows])
-            seconds += time.perf_counter() - t0  # part of the evaluation's cost
-        return {"scores": res.scores, "n_examples": res.n_examples, "seconds": seconds}
+        return _with_samples(evaluate_plan(plan, _model(model), tok, mode), files)
 
     def lookup() -> tuple[dict[str, Any], bool]:
         cache = EvalCache(cache_dir(out_dir))
@@ -104,10 +120,7 @@ def cached_evaluation(plan: Plan, model: Any, tok: Any, model_key: str, out_dir:
                 logger.warning("%s: re-evaluation for samples gave other scores than cache entry %s-%s (%s vs %s); "
                                "keeping the cached scores", what, label, key[:12], fresh["scores"], stale["scores"])
             result, hit = {**stale, "seconds": fresh["seconds"]}, False
-        if files:
-            result = {**result, "samples": next((f for f in files if f.is_file()), files[0]).relative_to(
-                out_dir).as_posix()}
-        return result, hit
+        return {**result, **_samples_field(files, out_dir)}, hit
 
     with preserved_rng():  # a cache hit and a fresh evaluation leave training in the same state
         # several processes: rank 0 evaluates (and writes the cache) while the others wait; all get its result
@@ -124,33 +137,24 @@ def lockstep_evaluation(plan: Plan, model: Any, tok: Any, key: str, parts: dict[
     """
     cache = EvalCache(cache_dir(out_dir))
 
-    def sample_file() -> dict[str, str]:
-        if not files:
-            return {}
-        return {"samples": next((f for f in files if f.is_file()), files[0]).relative_to(out_dir).as_posix()}
-
     def find() -> dict[str, Any] | None:
         hit = cache.get(key, parts, label)
         if hit is None or (files and not any(f.is_file() for f in files)):
             return None  # a hit without its samples file is evaluated again, as in an unsharded run
         logger.info("%s: cache hit %s-%s", what, label, key[:12])
-        return {**hit, **sample_file()}
+        return {**hit, **_samples_field(files, out_dir)}
 
     found = on_main(find)
     if found is not None:
         return found, True
-    built = model if isinstance(model, nn.Module) else model()
+    built = _model(model)
     res = evaluate_plan(plan, built, tok, plan.cfg.eval.log_samples)
-    del built
+    del built  # a base copy built for this evaluation is freed before training starts
 
     def store() -> dict[str, Any]:
-        t0 = time.perf_counter()
-        if files:
-            write_samples(files[0], [row for rows in res.samples.values() for row in rows])
-        result = {"scores": res.scores, "n_examples": res.n_examples,
-                  "seconds": res.seconds + time.perf_counter() - t0}
+        result = _with_samples(res, files)
         cache.put(key, parts, result, label)
-        return {**result, **sample_file()}
+        return {**result, **_samples_field(files, out_dir)}
 
     return on_main(store), False
 

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -103,14 +105,20 @@ def _holder(model: nn.Module) -> nn.Module:
     return node
 
 
+def _fully_shard() -> Any:
+    """torch's ``fully_shard`` (public from torch 2.6 on), or a one-line error naming the installed torch."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as exc:
+        raise UserError(f"train.sharding=fsdp needs torch >= 2.6 (FSDP2); this is torch {torch.__version__}") from exc
+    return fully_shard
+
+
 def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     """``fully_shard`` every transformer block, then the root, over all processes (in place; returns ``model``)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError as exc:  # public from torch 2.6 on
-        raise UserError(f"train.sharding=fsdp needs torch >= 2.6 (FSDP2); this is torch {torch.__version__}") from exc
+    fully_shard = _fully_shard()
 
     blocks = _block_classes(model)
     if not blocks:
@@ -184,10 +192,7 @@ def check_launch(sharding: str) -> None:
     """Sharding needs a process group, i.e. a launcher (``torchrun``, ``accelerate launch``; one process is fine)."""
     if sharding != "fsdp":
         return
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401 -- public from torch 2.6 on
-    except ImportError as exc:
-        raise UserError(f"train.sharding=fsdp needs torch >= 2.6 (FSDP2); this is torch {torch.__version__}") from exc
+    _fully_shard()
     if "WORLD_SIZE" not in os.environ:
         raise UserError("train.sharding=fsdp needs a distributed launch: run under torchrun or accelerate launch "
                         "(e.g. accelerate launch --config_file examples/accelerate/fsdp.yaml -m benchmark run ...)")

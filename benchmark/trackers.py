@@ -15,9 +15,6 @@ from typing import Any
 
 from benchmark.errors import UserError
 
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-
 def check_trackers(names: list[str]) -> None:
     """Every asked-for tracker is installed (accelerate's own availability checks)."""
     from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
@@ -25,8 +22,8 @@ def check_trackers(names: list[str]) -> None:
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
     missing = [n for n in names if not available[n]()]
     if missing:
-        raise UserError(f"report_to: {', '.join(missing)} is not installed; pip install "
-                        f"{' '.join(PACKAGES[n] for n in missing)}")
+        # each tracker's pip package has the tracker's name
+        raise UserError(f"report_to: {', '.join(missing)} is not installed; pip install {' '.join(missing)}")
 
 
 def tracker_kwargs(names: list[str], output: str | Path) -> dict[str, Any]:
